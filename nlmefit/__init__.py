@@ -1,0 +1,25 @@
+"""nlmefit: nonlinear mixed-effects models in PyTorch, from NONMEM-style panel data.
+
+The public surface: ``Panel`` (data), ``Model`` and ``library`` (models), ``fit`` and the estimators,
+``FitResult``, ``simulate``, ``datasets``.
+"""
+from __future__ import annotations
+
+import torch as _torch  # noqa: F401  (import order: torch before the modules that use it)
+
+from nlmefit import datasets
+from nlmefit.api import fit
+from nlmefit.errors import DataError, EstimationError, ModelSpecError
+from nlmefit.estimators import FO, FOCE, FOCEI, Laplace, get_estimator
+from nlmefit.models import Model, Omega, Param, Params, fix, library
+from nlmefit.panel import Panel
+from nlmefit.results import FitResult
+from nlmefit.simulation import simulate
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DataError", "EstimationError", "ModelSpecError", "Panel", "Model", "Omega", "Param", "Params", "fix",
+    "library", "fit", "get_estimator", "FO", "FOCE", "FOCEI", "Laplace", "FitResult", "simulate", "datasets",
+    "__version__",
+]
