@@ -1,0 +1,7 @@
+"""Estimators, one module each, registered by name for :func:`nlmefit.fit`."""
+from nlmefit.estimators.base import REGISTRY, Estimator, get_estimator, register
+from nlmefit.estimators.fo import FO
+from nlmefit.estimators.foce import FOCE, FOCEI
+from nlmefit.estimators.laplace import Laplace
+
+__all__ = ["REGISTRY", "Estimator", "get_estimator", "register", "FO", "FOCE", "FOCEI", "Laplace"]

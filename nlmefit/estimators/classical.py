@@ -1,0 +1,153 @@
+"""The outer problem shared by FO, FOCE, FOCE-I and Laplace: minimise the OFV over (θ, Ω, σ).
+
+Quasi-Newton (L-BFGS-B) in float64 on the unconstrained vector of :class:`~nlmefit.models.ParameterSet`, with
+exact gradients by autograd through the approximate −2 log L (η̂ enters by the implicit-function step of
+:mod:`nlmefit.estimators.objectives`). The modes are warm-started across evaluations. The objective is a sum over
+subject shards (``shard_size``), so memory per evaluation is bounded by the shard, not by N.
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from typing import Callable
+
+import numpy as np
+import scipy.optimize
+import torch
+
+from nlmefit.errors import EstimationError
+from nlmefit.estimators.base import Estimator
+from nlmefit.estimators.modes import find_modes
+from nlmefit.estimators.objectives import LOG_2PI, conditional_m2ll, conditional_objective, fo_m2ll
+from nlmefit.models.model import Model, ModelData
+from nlmefit.models.parameters import Params
+
+__all__ = ["ClassicalEstimator"]
+
+
+class ClassicalEstimator(Estimator):
+    """Shared machinery; subclasses set ``approximation`` (``fo``, ``foce``, ``focei``, ``laplace``)."""
+
+    approximation = "focei"
+
+    def __init__(
+        self,
+        maxiter: int = 500,
+        gtol: float = 1e-5,
+        inner_tol: float = 1e-9,
+        covariance: str | None = "sandwich",
+        shard_size: int | None = None,
+        device: str | torch.device | None = None,
+        progress: Callable[[int, float], None] | None = None,
+    ) -> None:
+        if covariance not in (None, "sandwich", "r", "s"):
+            raise ValueError(f"covariance must be 'sandwich', 'r', 's' or None, got {covariance!r}")
+        self.maxiter = maxiter
+        self.gtol = gtol
+        self.inner_tol = inner_tol
+        self.covariance = covariance
+        self.shard_size = shard_size
+        self.device = device
+        self._progress = progress
+
+    # ------------------------------------------------------------------ objective
+    @property
+    def method_key(self) -> str:
+        return self.approximation
+
+    def modes(self, model: Model, p: Params, data: ModelData, eta0: torch.Tensor) -> torch.Tensor:
+        """Conditional modes at ``p`` (zeros for FO)."""
+        if self.method_key == "fo":
+            return torch.zeros_like(eta0)
+        with torch.no_grad():
+            pd = p.detach()
+            var0 = model.predict(pd, torch.zeros_like(eta0), data)[1] if self.method_key == "foce" else None
+        lfun = conditional_objective(model, pd, data, self.method_key, var0)
+        res = find_modes(lfun, eta0, tol=self.inner_tol)
+        return res.eta
+
+    def subject_m2ll(self, model: Model, p: Params, data: ModelData, eta_hat: torch.Tensor) -> torch.Tensor:
+        """−2 log L_i (full constants) per subject, differentiable in p."""
+        if self.method_key == "fo":
+            return fo_m2ll(model, p, data)
+        return conditional_m2ll(model, p, data, eta_hat, self.method_key)
+
+    def _shards(self, n: int):
+        size = self.shard_size or n
+        return [slice(s, min(s + size, n)) for s in range(0, n, size)]
+
+    def evaluate(self, model: Model, p: Params, data: ModelData, eta: torch.Tensor, backward_to=None):
+        """(sum of −2 log L_i, new modes); accumulates gradients into ``backward_to`` shard by shard."""
+        total = 0.0
+        new_eta = torch.empty_like(eta)
+        for sl in self._shards(data.n_subjects):
+            d = data.index(sl)
+            e = self.modes(model, p, d, eta[sl])
+            new_eta[sl] = e
+            m2 = self.subject_m2ll(model, p, d, e).sum()
+            if backward_to is not None and m2.requires_grad and torch.isfinite(m2):
+                m2.backward(retain_graph=False)
+            total += float(m2.detach())
+        return total, new_eta
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, model: Model, data, init: Params | dict | None = None, seed: int | None = None):
+        from nlmefit.results.build import build_result
+
+        t0 = time.perf_counter()
+        if seed is not None:
+            torch.manual_seed(seed)
+        mdata = data if isinstance(data, ModelData) else model.prepare(data, device=self.device)
+        if init is not None:
+            p_init = init if isinstance(init, Params) else model.parameters.params_from_dict(init)
+            model = model.with_initial(p_init)
+        pset = model.parameters
+        dev = mdata.y.device
+        p0 = pset.initial(torch.float64, dev)
+        u0 = pset.to_unconstrained(p0).detach().cpu().numpy()
+        eta = torch.zeros(mdata.n_subjects, mdata.q, dtype=torch.float64, device=dev)
+        state = {"eta": eta, "n_eval": 0, "best": math.inf}
+        messages: list[str] = []
+
+        def fun(u: np.ndarray):
+            ut = torch.tensor(u, dtype=torch.float64, device=dev, requires_grad=True)
+            try:
+                p = pset.from_unconstrained(ut)
+                val, e = self.evaluate(model, p, mdata, state["eta"], backward_to=ut)
+            except (torch.linalg.LinAlgError, RuntimeError) as err:
+                if "singular" not in str(err).lower() and "cholesky" not in str(err).lower() \
+                        and not isinstance(err, torch.linalg.LinAlgError):
+                    raise
+                val, e = math.inf, None
+            state["n_eval"] += 1
+            g = ut.grad if len(u) else torch.zeros(0, dtype=torch.float64)
+            if not math.isfinite(val) or g is None or not bool(torch.isfinite(g).all()):
+                return 1e20, np.zeros_like(u)
+            state["eta"] = e
+            state["best"] = min(state["best"], val)
+            if self._progress is not None:
+                self._progress(state["n_eval"], val - mdata.n_uncensored * LOG_2PI)
+            return val, g.detach().cpu().numpy()
+
+        f0, _ = fun(u0)
+        if f0 >= 1e20:
+            raise EstimationError(f"{self.name}: the objective is not finite at the initial values; check the "
+                                  f"initial estimates and the data (zero predictions with proportional error?)")
+        n_iter = 0
+        converged = True
+        if len(u0) and self.maxiter > 0:
+            res = scipy.optimize.minimize(fun, u0, jac=True, method="L-BFGS-B",
+                                          options=dict(maxiter=self.maxiter, maxcor=30, ftol=1e-13,
+                                                       gtol=self.gtol, maxls=50))
+            u_hat, n_iter, converged = res.x, int(res.nit), bool(res.success)
+            messages.append(str(res.message))
+            if not converged:
+                warnings.warn(f"{self.name}: minimisation did not report success: {res.message}", stacklevel=2)
+        else:
+            u_hat = u0
+        with torch.no_grad():
+            p_hat = pset.from_unconstrained(torch.tensor(u_hat, dtype=torch.float64, device=dev))
+        eta_hat = self.modes(model, p_hat, mdata, state["eta"])
+        return build_result(self, model, mdata, p_hat, eta_hat, n_iter=n_iter, converged=converged,
+                            messages=messages, elapsed=time.perf_counter() - t0, seed=seed)

@@ -1,0 +1,394 @@
+"""The latent-variable model every estimator talks to.
+
+For subject i with random effects η_i (IIV, then one block of IOV effects κ per occasion):
+
+    log p(y_i | η_i, θ)   — :meth:`Model.log_lik`, per subject, masks honoured, M3 for censored records
+    log p(η_i | θ)        — :meth:`Model.log_prior`, N(0, blockdiag(Ω, I_K ⊗ Ω_IOV))
+    f_ij, Var(y_ij | η_i) — :meth:`Model.predict` (the one extra method the FO/FOCE linearisation needs)
+
+All three broadcast over leading sample dimensions of η (``[..., N, q]``) and over per-subject copies of the
+population parameters (``theta[k]`` of shape ``[N]``, ``omega`` of shape ``[N, q, q]``), which is how the
+covariance step gets per-subject gradients from one backward pass. No estimator sees a PK formula; no PK
+formula sees an estimator.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, replace
+from typing import Callable, Mapping
+
+import numpy as np
+import torch
+
+from nlmefit.errors import DataError, ModelSpecError
+from nlmefit.models.error import LOG_2PI, ErrorModel, get_error_model, obs_loglik
+from nlmefit.models.formula import Term, parse_formula
+from nlmefit.models.parameters import Omega, Param, Params, ParameterSet
+from nlmefit.models.structure import OPTIONAL_PK_PARAMS, Structure
+from nlmefit.pk.events import Events
+
+__all__ = ["Model", "ModelData"]
+
+ParamsFn = Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]],
+                    Mapping[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class ModelData:
+    """A Panel bound to a model: padded tensors on one device, on the likelihood scale."""
+
+    panel: object
+    events: Events
+    y: torch.Tensor  # [N, J] transformed DV (0 at padding)
+    mask: torch.Tensor  # [N, J] bool: observation used by the likelihood
+    cens: torch.Tensor  # [N, J] int64
+    limit: torch.Tensor  # [N, J] transformed limit (0 where none)
+    cov: dict  # name -> [N, 1] or [N, J]
+    occ: torch.Tensor  # [N, J] int64
+    n_occ: int
+    q: int  # random effects per subject (IIV + n_occ * IOV)
+    per_obs: bool
+
+    @property
+    def n_subjects(self) -> int:
+        return int(self.y.shape[0])
+
+    @property
+    def n_obs(self) -> int:
+        return int(self.mask.sum())
+
+    @property
+    def n_uncensored(self) -> int:
+        return int((self.mask & (self.cens == 0)).sum())
+
+    def index(self, idx) -> "ModelData":
+        """The data of a subset (shard) of subjects."""
+        return replace(self, events=self.events.index(idx), y=self.y[idx], mask=self.mask[idx],
+                       cens=self.cens[idx], limit=self.limit[idx], cov={k: v[idx] for k, v in self.cov.items()},
+                       occ=self.occ[idx])
+
+    def with_mask(self, mask: torch.Tensor) -> "ModelData":
+        """Condition on a subset of observations (doses stay in)."""
+        return replace(self, mask=self.mask & mask)
+
+
+class Model:
+    """A nonlinear mixed-effects model: structure + individual-parameter model + IIV/IOV + residual error.
+
+    Parameters
+    ----------
+    structure : a :class:`~nlmefit.models.structure.Structure` (see :mod:`nlmefit.models.library`).
+    theta : typical values / fixed effects, ``{name: value | Param}``; positive by default for structural
+        parameters of the default (log-normal) parameter model.
+    omega : IIV variances ``{param: variance}`` or an :class:`Omega` (blocks, FIX).
+    sigma : residual SDs by the error model's names (``add``, ``prop``).
+    error : ``additive``, ``proportional``, ``combined1``, ``combined2`` or ``exponential``.
+    params : optional NONMEM ``$PK``-style function ``params(theta, eta, covariates) -> {param: tensor}``. Without
+        it, every structural parameter is ``theta[p] * exp(eta[p] + Σ beta·term(covariates))``.
+    covariates : formulas per parameter, ``{"cl": "log(WT/70)"}`` (default parameter model only).
+    iov : inter-occasion variances ``{param: variance}`` or an :class:`Omega`; needs an OCC column.
+    dvid : which DVID value holds this model's observations when the data has several.
+    """
+
+    def __init__(
+        self,
+        structure: Structure,
+        theta: Mapping[str, float | Param],
+        omega: Mapping[str, float] | Omega,
+        sigma: Mapping[str, float | Param] | None = None,
+        error: str | ErrorModel = "additive",
+        params: ParamsFn | None = None,
+        covariates: Mapping[str, str | list[str]] | None = None,
+        iov: Mapping[str, float] | Omega | None = None,
+        dvid: object = None,
+        name: str | None = None,
+    ) -> None:
+        self.structure = structure
+        self.error = get_error_model(error)
+        self.params_fn = params
+        self.dvid = dvid
+        self.name = name or structure.name
+        self.terms: list[Term] = []
+        omega = omega if isinstance(omega, Omega) else Omega(dict(omega))
+        iov_spec = None if iov is None else (iov if isinstance(iov, Omega) else Omega(dict(iov)))
+        theta = dict(theta)
+        if params is None:
+            known = set(structure.param_names) | set(OPTIONAL_PK_PARAMS)
+            for p in structure.param_names:
+                if p not in theta:
+                    raise ModelSpecError(f"model {self.name}: no typical value (theta) for parameter {p!r}")
+            for k in theta:
+                if k not in known:
+                    raise ModelSpecError(f"model {self.name}: theta {k!r} is not a parameter of this structure "
+                                         f"({sorted(known)}); use params=... for custom parameter models")
+            for k, v in list(theta.items()):  # typical values of log-normal parameters are positive
+                if not isinstance(v, Param):
+                    theta[k] = Param(float(v), lower=0.0)
+            for spec, what in ((omega, "omega"), (iov_spec, "iov")):
+                for n in [] if spec is None else spec.names:
+                    if n not in theta:
+                        raise ModelSpecError(f"{what} names {n!r}, which has no theta (parameters: {sorted(theta)})")
+            for p, formula in (covariates or {}).items():
+                if p not in theta:
+                    raise ModelSpecError(f"covariate formula for {p!r}, which is not a parameter ({sorted(theta)})")
+                for t in parse_formula(p, formula):
+                    self.terms.append(t)
+                    theta.setdefault(t.coef, Param(0.0))
+        elif covariates:
+            raise ModelSpecError("give covariate effects either as formulas (covariates=) or inside params=, not both")
+        if sigma is None:
+            sigma = {k: 1.0 if k == "add" else 0.1 for k in self.error.sigma_names}
+        if set(sigma) != set(self.error.sigma_names):
+            raise ModelSpecError(f"error model {self.error.name!r} takes sigma {list(self.error.sigma_names)}, "
+                                 f"got {sorted(sigma)}")
+        self.parameters = ParameterSet(theta, omega, sigma, iov_spec)
+
+    # ------------------------------------------------------------------ introspection
+    @property
+    def eta_names(self) -> list[str]:
+        return self.parameters.eta_names
+
+    @property
+    def n_iiv(self) -> int:
+        return len(self.parameters.eta_names)
+
+    @property
+    def n_iov(self) -> int:
+        return len(self.parameters.iov_names)
+
+    def initial_params(self, dtype=torch.float64, device=None) -> Params:
+        return self.parameters.initial(dtype, device)
+
+    def with_initial(self, params: Params) -> "Model":
+        """A copy of the model whose initial values are ``params``."""
+        new = object.__new__(Model)
+        new.__dict__.update(self.__dict__)
+        new.parameters = self.parameters.with_values(params)
+        return new
+
+    def __repr__(self) -> str:
+        p = self.parameters
+        return (f"Model({self.name}, error={self.error.name}, theta={list(p.theta)}, eta={p.eta_names}"
+                + (f", iov={p.iov_names}" if p.iov_names else "") + ")")
+
+    # ------------------------------------------------------------------ data binding (the boundary)
+    def prepare(self, panel, device=None, dtype=torch.float64) -> ModelData:
+        """Bind a :class:`~nlmefit.panel.Panel` to this model, checking every model/data mismatch here."""
+        from nlmefit.panel import Panel
+
+        if not isinstance(panel, Panel):
+            panel = Panel.from_dataframe(panel)
+        if panel.n_subjects == 0:
+            raise DataError("no subject has an observation to fit")
+        kw = dict(device=device, dtype=dtype)
+        oral = self.structure.oral
+        if oral:
+            route = (panel.dose_cmt == 1).astype(np.int64) if panel.has_cmt else np.ones_like(panel.dose_cmt)
+        else:
+            route = np.zeros_like(panel.dose_cmt)
+        real = panel.dose_mask
+        bad_inf = real & (route == 1) & (panel.dose_rate != 0)
+        if bad_inf.any():
+            i, d = np.argwhere(bad_inf)[0]
+            raise ModelSpecError(f"ID {panel.ids[i]} TIME {panel.dose_time[i, d]}: infusion into the depot "
+                                 f"(CMT 1) is not supported by {self.name}; give the dose to CMT 2 or as a bolus")
+        events = panel.to_events(route, device=device, dtype=dtype)
+        mask_np = panel.obs_mask.copy()
+        dvids = np.unique(panel.obs_dvid[panel.obs_mask])
+        if self.dvid is not None:
+            code = self._dvid_code(panel)
+            mask_np &= panel.obs_dvid == code
+            if not mask_np.any():
+                raise ModelSpecError(f"no observation has DVID {self.dvid!r}")
+        elif len(dvids) > 1:
+            raise ModelSpecError(f"the data has several DVID values ({self._dvid_labels(panel, dvids)}); "
+                                 f"say which one this model describes with Model(..., dvid=...)")
+        dv = panel.dv
+        if self.error.log_scale:
+            bad = mask_np & (panel.cens == 0) & ~(dv > 0)
+            if bad.any():
+                i, j = np.argwhere(bad)[0]
+                raise DataError(f"column DV, ID {panel.ids[i]} TIME {panel.obs_time[i, j]}: the exponential "
+                                f"(log-transform-both-sides) error model needs DV > 0, got {dv[i, j]}")
+        y = torch.as_tensor(np.where(mask_np, dv, 1.0 if self.error.log_scale else 0.0), **kw)
+        y = self.error.transform(y)
+        y = torch.where(torch.as_tensor(mask_np, device=device), y, torch.zeros_like(y))
+        cens_np = np.where(mask_np, panel.cens, 0).astype(np.int64)
+        lim_np = np.where(cens_np != 0, panel.limit, 1.0 if self.error.log_scale else 0.0)
+        limit = self.error.transform(torch.as_tensor(lim_np, **kw))
+        varying = panel.obs_covariates.shape[-1] > 0 and bool(
+            (np.abs(panel.obs_covariates - panel.covariates[:, None, :]) > 0)[mask_np].any())
+        per_obs = varying or self.n_iov > 0
+        if per_obs and not self.structure.per_observation:
+            raise ModelSpecError(f"{self.name} solves an ODE with per-subject parameters; time-varying covariates "
+                                 f"and IOV need a closed-form structure in this version")
+        names = list(panel.covariate_names)
+        if per_obs:
+            cov = {n: torch.as_tensor(panel.obs_covariates[:, :, k], **kw) for k, n in enumerate(names)}
+        else:
+            cov = {n: torch.as_tensor(panel.covariates[:, k:k + 1], **kw) for k, n in enumerate(names)}
+        n_occ = int(panel.n_occasions) if self.n_iov else 0
+        if self.n_iov and n_occ < 1:
+            raise ModelSpecError("the model has inter-occasion variability but the data has no OCC column")
+        q = self.n_iiv + n_occ * self.n_iov
+        data = ModelData(panel, events, y, torch.as_tensor(mask_np, device=device),
+                         torch.as_tensor(cens_np, device=device), limit, cov,
+                         torch.as_tensor(panel.obs_occ, device=device, dtype=torch.int64), n_occ, q, per_obs)
+        self._dry_run(data)
+        return data
+
+    def _dvid_code(self, panel) -> int:
+        levels = getattr(panel, "dvid_levels", None) or {}
+        if isinstance(levels, dict) and self.dvid in levels:
+            return int(levels[self.dvid])
+        try:
+            return int(self.dvid)
+        except (TypeError, ValueError):
+            raise ModelSpecError(f"DVID {self.dvid!r} is not in the data ({list(levels) or 'numeric codes'})")
+
+    @staticmethod
+    def _dvid_labels(panel, codes) -> list:
+        levels = getattr(panel, "dvid_levels", None) or {}
+        inv = {v: k for k, v in levels.items()} if isinstance(levels, dict) else {}
+        return [inv.get(int(c), int(c)) for c in codes]
+
+    def _dry_run(self, data: ModelData) -> None:
+        p = self.initial_params(data.y.dtype, data.y.device)
+        eta = torch.zeros(data.n_subjects, data.q, dtype=data.y.dtype, device=data.y.device)
+        try:
+            ind = self.individual_parameters(p, eta, data)
+        except KeyError as e:
+            raise ModelSpecError(f"the parameter model of {self.name} asks for {e.args[0]!r}, which is neither a "
+                                 f"theta, an eta nor a data covariate ({sorted(data.cov)})") from None
+        missing = [k for k in self.structure.param_names if k not in ind]
+        if missing:
+            raise ModelSpecError(f"the parameter model of {self.name} does not define {missing}")
+        rates = data.events.dose_rate[data.events.dose_mask]
+        if bool((rates == -2).any()) and "dur" not in ind:
+            raise ModelSpecError("the data has RATE=-2 (modelled duration) but the model defines no 'dur'")
+        if bool((rates == -1).any()) and "rate" not in ind:
+            raise ModelSpecError("the data has RATE=-1 (modelled rate) but the model defines no 'rate'")
+        f, var = self.predict(p, eta, data)
+        bad = data.mask & ~(torch.isfinite(f) & torch.isfinite(var) & (var > 0))
+        if bool(bad.any()):
+            i, j = [int(x) for x in torch.nonzero(bad)[0]]
+            warnings.warn(f"at the initial values, ID {data.panel.ids[i]} TIME {data.panel.obs_time[i, j]} has "
+                          f"prediction {float(f[i, j]):.4g} and residual variance {float(var[i, j]):.4g}; the "
+                          f"likelihood is not finite there (a proportional error at a zero prediction?)",
+                          stacklevel=3)
+
+    # ------------------------------------------------------------------ the interface
+    def individual_parameters(self, p: Params, eta: torch.Tensor, data: ModelData) -> dict[str, torch.Tensor]:
+        """Structural parameters per subject ([..., N, 1]) or per observation ([..., N, J])."""
+        theta = {k: (v if v.dim() == 0 else v.unsqueeze(-1)) for k, v in p.theta.items()}
+        d = self.n_iiv
+        etas = {n: eta[..., :, k:k + 1] for k, n in enumerate(self.eta_names)}
+        if self.n_iov:
+            r = self.n_iov
+            kappa = eta[..., :, d:].reshape(*eta.shape[:-1], data.n_occ, r)  # [..., N, K, r]
+            occ = data.occ.clamp(0, data.n_occ - 1)
+            idx = occ.expand(*eta.shape[:-2], *occ.shape).unsqueeze(-1).expand(*eta.shape[:-2], *occ.shape, r)
+            per_obs = torch.gather(kappa, -2, idx)  # [..., N, J, r]
+            for k, n in enumerate(self.parameters.iov_names):
+                etas[n] = etas.get(n, 0.0) + per_obs[..., k]
+        if self.params_fn is not None:
+            return dict(self.params_fn(theta, etas, data.cov))
+        out = {}
+        for name in self.parameters.theta:
+            if name.startswith("beta_") and any(t.coef == name for t in self.terms):
+                continue
+            lin = etas.get(name, None)
+            for t in self.terms:
+                if t.param == name:
+                    eff = theta[t.coef] * t.evaluate(data.cov)
+                    lin = eff if lin is None else lin + eff
+            out[name] = theta[name] if lin is None else theta[name] * torch.exp(lin)
+        return out
+
+    def predict(self, p: Params, eta: torch.Tensor, data: ModelData) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prediction f and residual variance on the likelihood scale, both [..., N, J]."""
+        ind = self.individual_parameters(p, eta, data)
+        lead = eta.shape[:-2]
+        n, j = data.y.shape
+        if lead:
+            s = int(np.prod(lead))
+            ind = {k: _fold(v, lead, n) for k, v in ind.items()}
+            events = data.events.index(torch.arange(n, device=data.y.device).repeat(s))
+        else:
+            events = data.events
+        conc = self.structure.predict(ind, events)
+        if lead:
+            conc = conc.reshape(*lead, n, j)
+        if self.error.log_scale:
+            safe = torch.where(data.mask, conc, torch.ones_like(conc))
+            f = torch.log(safe)
+            var = self.error.variance(f, p.sigma)
+        else:
+            f = conc
+            var = self.error.variance(conc, p.sigma)
+        return f, var.expand_as(f)
+
+    def obs_log_lik(self, p: Params, eta: torch.Tensor, data: ModelData, mask: torch.Tensor | None = None):
+        """Per-observation log p(y_ij | η_i, θ), [..., N, J]."""
+        f, var = self.predict(p, eta, data)
+        m = data.mask if mask is None else data.mask & mask
+        return obs_loglik(data.y, f, var, m, data.cens, data.limit)
+
+    def log_lik(self, p: Params, eta: torch.Tensor, data: ModelData, mask: torch.Tensor | None = None):
+        """log p(y_i | η_i, θ) per subject, [..., N] (full constants included)."""
+        return self.obs_log_lik(p, eta, data, mask).sum(-1)
+
+    def prior_covariance(self, p: Params, n_occ: int) -> torch.Tensor:
+        """blockdiag(Ω, I_K ⊗ Ω_IOV), [..., q, q]."""
+        if not self.n_iov or n_occ == 0:
+            return p.omega
+        d, r = self.n_iiv, self.n_iov
+        q = d + n_occ * r
+        batch = torch.broadcast_shapes(p.omega.shape[:-2], p.omega_iov.shape[:-2])
+        out = torch.zeros(*batch, q, q, dtype=p.omega.dtype, device=p.omega.device)
+        out[..., :d, :d] = p.omega
+        for k in range(n_occ):
+            s = d + k * r
+            out[..., s:s + r, s:s + r] = p.omega_iov
+        return out
+
+    def log_prior(self, p: Params, eta: torch.Tensor, n_occ: int = 0) -> torch.Tensor:
+        """log N(η_i; 0, Ω_full) per subject, [..., N]."""
+        cov = self.prior_covariance(p, n_occ)
+        L = torch.linalg.cholesky(cov)
+        if L.dim() == 3:  # per-subject copies [N, q, q] against eta [..., N, q]
+            z = torch.linalg.solve_triangular(L, eta.unsqueeze(-1), upper=False).squeeze(-1)
+        else:
+            z = torch.linalg.solve_triangular(L, eta.transpose(-1, -2) if eta.dim() > 1 else eta[:, None],
+                                              upper=False)
+            z = z.transpose(-1, -2) if eta.dim() > 1 else z[:, 0]
+        logdet = 2 * torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)
+        q = eta.shape[-1]
+        return -0.5 * (q * LOG_2PI + logdet + (z * z).sum(-1))
+
+    def sample_eta(self, p: Params, n: int, n_occ: int = 0, generator: torch.Generator | None = None,
+                   size: tuple = ()) -> torch.Tensor:
+        """Draws from N(0, Ω_full), shape [*size, n, q]; a zero variance gives exactly zero."""
+        cov = self.prior_covariance(p, n_occ).detach()
+        w, v = torch.linalg.eigh(cov)
+        root = v * torch.sqrt(w.clamp_min(0.0)).unsqueeze(-2)
+        z = torch.randn(*size, n, cov.shape[-1], generator=generator, dtype=cov.dtype, device=cov.device)
+        return z @ root.transpose(-1, -2)
+
+    def sample_y(self, p: Params, eta: torch.Tensor, data: ModelData, generator: torch.Generator | None = None,
+                 residual: bool = True) -> torch.Tensor:
+        """DV draws on the natural scale, [..., N, J] (padding positions hold junk: mask them)."""
+        f, var = self.predict(p, eta, data)
+        if residual:
+            eps = torch.randn(f.shape, generator=generator, dtype=f.dtype, device=f.device)
+            f = f + torch.sqrt(var) * eps
+        return self.error.untransform(f)
+
+
+def _fold(v: torch.Tensor, lead: tuple, n: int) -> torch.Tensor:
+    """[*lead, N, c] (or broadcastable) -> [S*N, c]."""
+    if v.dim() == 0:
+        return v
+    target = (*lead, n, v.shape[-1])
+    return v.expand(target).reshape(-1, v.shape[-1])

@@ -1,0 +1,96 @@
+"""Covariance step (NONMEM ``$COV``): R, S and the sandwich R⁻¹SR⁻¹ on the natural parameter scale.
+
+R is the Hessian of OFV/2 in the free natural parameters (θ, Ω variances/covariances, σ SDs), by central
+differences of the exact gradient (each gradient re-solves the conditional modes); S = Σ_i g_i g_iᵀ of the
+per-subject gradients of OFV_i/2, all N of them from one backward pass through per-subject parameter copies.
+If R is not positive definite the step fails honestly: no SEs, ``ok=False`` and a message — never a patched
+matrix.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+__all__ = ["CovarianceStep", "covariance_step"]
+
+
+@dataclass
+class CovarianceStep:
+    names: list[str]
+    R: np.ndarray
+    S: np.ndarray
+    cov: np.ndarray | None
+    kind: str
+    ok: bool
+    message: str
+
+    @property
+    def se(self) -> np.ndarray | None:
+        return None if self.cov is None else np.sqrt(np.clip(np.diag(self.cov), 0, None))
+
+    @property
+    def correlation(self) -> np.ndarray | None:
+        if self.cov is None:
+            return None
+        s = self.se
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return self.cov / np.outer(s, s)
+
+    @property
+    def condition_number(self) -> float | None:
+        if not self.ok:
+            return None
+        w = np.linalg.eigvalsh(self.R)
+        return float(w.max() / w.min())
+
+
+def covariance_step(estimator, model, data, p_hat, eta_hat, kind: str = "sandwich", rel_step: float = 1e-4):
+    pset = model.parameters
+    names = pset.natural_names
+    x0 = pset.to_natural_vector(p_hat).detach()
+    n_par = x0.numel()
+    state = {"eta": eta_hat}
+
+    def grad_at(x: torch.Tensor) -> np.ndarray:
+        xt = x.clone().requires_grad_(True)
+        p = pset.from_natural_vector(xt)
+        eta = estimator.modes(model, p, data, state["eta"])
+        m2 = estimator.subject_m2ll(model, p, data, eta).sum() / 2
+        (g,) = torch.autograd.grad(m2, xt)
+        return g.detach().cpu().numpy()
+
+    R = np.zeros((n_par, n_par))
+    for k in range(n_par):
+        h = rel_step * max(abs(float(x0[k])), 1e-2)
+        e = torch.zeros_like(x0)
+        e[k] = h
+        R[:, k] = (grad_at(x0 + e) - grad_at(x0 - e)) / (2 * h)
+    R = 0.5 * (R + R.T)
+    # per-subject gradients: one copy of the parameters per subject
+    X = x0.expand(data.n_subjects, n_par).clone().requires_grad_(True)
+    p_rep = pset.from_natural_vector(X)
+    m2 = estimator.subject_m2ll(model, p_rep, data, eta_hat) / 2
+    (G,) = torch.autograd.grad(m2.sum(), X)
+    G = G.detach().cpu().numpy()
+    S = G.T @ G
+    ok, msg, cov = True, "covariance step successful", None
+    try:
+        np.linalg.cholesky(R)
+    except np.linalg.LinAlgError:
+        w = np.linalg.eigvalsh(R)
+        return CovarianceStep(names, R, S, None, kind, False,
+                              f"R matrix is not positive definite (smallest eigenvalue {w.min():.3g}); "
+                              f"no standard errors are reported")
+    Rinv = np.linalg.inv(R)
+    if kind == "r":
+        cov = Rinv
+    elif kind == "s":
+        try:
+            cov = np.linalg.inv(S)
+        except np.linalg.LinAlgError:
+            return CovarianceStep(names, R, S, None, kind, False, "S matrix is singular; no standard errors")
+    else:
+        cov = Rinv @ S @ Rinv
+    return CovarianceStep(names, R, S, cov, kind, ok, msg)

@@ -1,0 +1,298 @@
+"""FitResult: what a fit produced, as data (estimates, uncertainty, individual estimates, predictions, provenance).
+
+It never re-runs a fit. Field names follow what pharmacometricians expect (pharmpy's ``ModelfitResults``:
+``ofv``, ``parameter_estimates``, ``standard_errors``, ``individual_estimates``, ``predictions``,
+``minimization_successful``) and statsmodels' (``params``, ``bse``, ``conf_int()``, ``cov_params()``).
+
+Conventions: ``ofv`` is NONMEM's −2 log L without n·log 2π (n = uncensored observations); ``loglik`` is the full
+log-likelihood; AIC = −2·loglik + 2k, BIC = −2·loglik + k·log(n_obs), k = number of estimated parameters.
+θ on the natural scale, Ω as variances/covariances (``omega_<eta>``, ``omega_<a>_<b>``), σ as SDs
+(``sigma_add``, ``sigma_prop``).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["FitResult"]
+
+_Z975 = 1.959963984540054
+
+
+def _clean(x):
+    """JSON-safe: NaN/inf → None, numpy → Python."""
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        return float(x) if math.isfinite(float(x)) else None
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    if isinstance(x, np.ndarray):
+        return _clean(x.tolist())
+    return x
+
+
+def _frame_to_json(df: pd.DataFrame | None):
+    if df is None:
+        return None
+    return {"columns": list(map(str, df.columns)), "index": _clean(list(df.index)),
+            "data": _clean(df.to_numpy(dtype=object).tolist())}
+
+
+def _frame_from_json(obj) -> pd.DataFrame | None:
+    if obj is None:
+        return None
+    df = pd.DataFrame(obj["data"], columns=obj["columns"], index=obj["index"])
+    return _numeric(df)
+
+
+def _numeric(df: pd.DataFrame) -> pd.DataFrame:
+    out = df.copy()
+    for c in out.columns:
+        conv = pd.to_numeric(out[c], errors="coerce")
+        if conv.notna().sum() == out[c].notna().sum():
+            out[c] = conv.astype(float) if conv.isna().any() else conv
+    return out
+
+
+@dataclass
+class FitResult:
+    method: str
+    options: dict
+    estimates: pd.Series  # every parameter by reporting name, natural scale
+    fixed: list[str]
+    ofv: float
+    loglik: float
+    n_subjects: int
+    n_obs: int
+    n_estimated: int
+    converged: bool
+    n_iter: int
+    elapsed_s: float
+    messages: list[str] = field(default_factory=list)
+    seed: int | None = None
+    versions: dict = field(default_factory=dict)
+    model_name: str = ""
+    eta_names: list[str] = field(default_factory=list)
+    covariance: pd.DataFrame | None = None  # of the free parameters
+    covariance_ok: bool = False
+    covariance_kind: str | None = None
+    covariance_message: str = ""
+    condition_number: float | None = None
+    individual_estimates: pd.DataFrame | None = None
+    predictions: pd.DataFrame | None = None
+    eta_shrinkage: pd.Series | None = None
+    epsilon_shrinkage: float | None = None
+    extra: dict = field(default_factory=dict)
+    model: Any = field(default=None, repr=False, compare=False)
+
+    # ------------------------------------------------------------------ views
+    @property
+    def aic(self) -> float:
+        return -2 * self.loglik + 2 * self.n_estimated
+
+    @property
+    def bic(self) -> float:
+        return -2 * self.loglik + self.n_estimated * math.log(self.n_obs)
+
+    @property
+    def params(self) -> pd.Series:
+        return self.estimates
+
+    parameter_estimates = params
+
+    @property
+    def minimization_successful(self) -> bool:
+        return self.converged
+
+    @property
+    def se(self) -> pd.Series:
+        """Standard errors (NaN for fixed parameters or when the covariance step failed)."""
+        out = pd.Series(np.nan, index=self.estimates.index, dtype=float)
+        if self.covariance is not None and self.covariance_ok:
+            d = np.sqrt(np.clip(np.diag(self.covariance.to_numpy()), 0, None))
+            out.loc[list(self.covariance.index)] = d
+        return out
+
+    bse = se
+    standard_errors = se
+
+    def cov_params(self) -> pd.DataFrame | None:
+        return self.covariance
+
+    @property
+    def correlation(self) -> pd.DataFrame | None:
+        if self.covariance is None:
+            return None
+        s = np.sqrt(np.diag(self.covariance.to_numpy()))
+        return self.covariance / np.outer(s, s)
+
+    def conf_int(self, level: float = 0.95) -> pd.DataFrame:
+        from scipy.stats import norm
+
+        z = norm.ppf(0.5 + level / 2)
+        se = self.se
+        return pd.DataFrame({"ci_low": self.estimates - z * se, "ci_high": self.estimates + z * se})
+
+    def summary(self) -> pd.DataFrame:
+        """estimate, se, rse_pct, ci_low, ci_high, fixed — one row per parameter."""
+        se = self.se
+        ci = self.conf_int()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rse = 100 * se / self.estimates.abs()
+        return pd.DataFrame({"estimate": self.estimates, "se": se, "rse_pct": rse, "ci_low": ci["ci_low"],
+                             "ci_high": ci["ci_high"], "fixed": [n in self.fixed for n in self.estimates.index]})
+
+    @property
+    def theta(self) -> pd.Series:
+        return self.estimates[[n for n in self.estimates.index
+                               if not n.startswith(("omega_", "sigma_"))]]
+
+    @property
+    def sigma(self) -> pd.Series:
+        return self.estimates[[n for n in self.estimates.index if n.startswith("sigma_")]]
+
+    @property
+    def omega(self) -> pd.DataFrame:
+        """Ω (IIV) as a DataFrame labelled by η names."""
+        names = self.eta_names
+        m = pd.DataFrame(0.0, index=names, columns=names)
+        for a in names:
+            m.loc[a, a] = self.estimates.get(f"omega_{a}", 0.0)
+            for b in names:
+                v = self.estimates.get(f"omega_{a}_{b}")
+                if v is not None and not np.isnan(v):
+                    m.loc[a, b] = m.loc[b, a] = v
+        return m
+
+    def __repr__(self) -> str:
+        status = "converged" if self.converged else "NOT converged"
+        return (f"<FitResult {self.method} {self.model_name}: OFV {self.ofv:.4f} ({status}), "
+                f"{self.n_subjects} subjects, {self.n_obs} observations, {self.n_estimated} estimated>")
+
+    def print_summary(self, decimals: int = 4) -> None:
+        print(self.summary_text(decimals))
+
+    def summary_text(self, decimals: int = 4) -> str:
+        lines = [
+            f"nlmefit {self.method.upper()} fit of {self.model_name}",
+            f"  subjects {self.n_subjects}   observations {self.n_obs}   estimated parameters {self.n_estimated}",
+            f"  OFV {self.ofv:.{decimals}f}   -2LL {-2 * self.loglik:.{decimals}f}   AIC {self.aic:.{decimals}f}"
+            f"   BIC {self.bic:.{decimals}f}",
+            f"  minimisation {'successful' if self.converged else 'NOT successful'} after {self.n_iter} iterations"
+            f" ({self.elapsed_s:.2f} s)",
+            f"  covariance step: {self.covariance_message or 'not run'}",
+            "",
+            self.summary().to_string(float_format=lambda v: f"{v:.{decimals}g}"),
+        ]
+        if self.eta_shrinkage is not None:
+            sh = ", ".join(f"{k} {100 * v:.1f}%" for k, v in self.eta_shrinkage.items())
+            lines += ["", f"  eta shrinkage: {sh};  epsilon shrinkage: {100 * (self.epsilon_shrinkage or 0):.1f}%"]
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------ prediction
+    def predict(self, new_data, individual: bool = False) -> pd.DataFrame:
+        """Population predictions (PRED) for a DataFrame/Panel in the model's record layout; with
+        ``individual=True`` subjects whose ID was fitted also get IPRED from their η̂."""
+        import torch
+
+        from nlmefit.panel import Panel
+
+        if self.model is None:
+            raise ValueError("this FitResult has no model attached (it was read from JSON): pass "
+                             "FitResult.from_json(path, model=...) to predict")
+        panel = new_data if isinstance(new_data, Panel) else Panel.from_dataframe(new_data, require_dv=False)
+        data = self.model.prepare(panel)
+        p = self.model.parameters.params_from_dict(self.estimates.to_dict())
+        eta0 = torch.zeros(data.n_subjects, data.q, dtype=torch.float64)
+        with torch.no_grad():
+            f0, _ = self.model.predict(p, eta0, data)
+            out = {"PRED": self.model.error.untransform(f0)}
+            if individual and self.individual_estimates is not None:
+                ie = self.individual_estimates.set_index("ID")
+                cols = [c for c in ie.columns if c.startswith("ETA_")]
+                eta = torch.tensor(np.stack([ie.loc[i, cols].to_numpy(float) if i in ie.index
+                                             else np.zeros(len(cols)) for i in panel.ids]), dtype=torch.float64)
+                fi, _ = self.model.predict(p, eta[:, : data.q], data)
+                out["IPRED"] = self.model.error.untransform(fi)
+        mk = panel.obs_mask
+        ids = np.broadcast_to(np.asarray(panel.ids)[:, None], mk.shape)
+        frame = pd.DataFrame({"ROW": panel.obs_row[mk], "ID": ids[mk], "TIME": panel.obs_time[mk]})
+        for k, v in out.items():
+            frame[k] = v.cpu().numpy()[mk]
+        return frame.sort_values("ROW", kind="stable").reset_index(drop=True)
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict:
+        se = self.se
+        return _clean({
+            "method": self.method, "model": self.model_name, "options": {k: repr(v) if not isinstance(
+                v, (int, float, str, bool, type(None))) else v for k, v in self.options.items()},
+            "seed": self.seed, "versions": self.versions,
+            "ofv": self.ofv, "loglik": self.loglik, "aic": self.aic, "bic": self.bic,
+            "n_subjects": self.n_subjects, "n_obs": self.n_obs, "n_estimated": self.n_estimated,
+            "converged": self.converged, "n_iter": self.n_iter, "elapsed_s": self.elapsed_s,
+            "messages": self.messages,
+            "estimates": self.estimates.to_dict(),
+            "se": {k: (None if np.isnan(v) else float(v)) for k, v in se.items()},
+            "fixed": self.fixed, "eta_names": self.eta_names,
+            "covariance_ok": self.covariance_ok, "covariance_kind": self.covariance_kind,
+            "covariance_message": self.covariance_message, "condition_number": self.condition_number,
+            "covariance": _frame_to_json(self.covariance),
+            "individual_estimates": _frame_to_json(self.individual_estimates),
+            "predictions": _frame_to_json(self.predictions),
+            "eta_shrinkage": None if self.eta_shrinkage is None else self.eta_shrinkage.to_dict(),
+            "epsilon_shrinkage": self.epsilon_shrinkage,
+            "extra": self.extra,
+        })
+
+    def to_json(self, path: str | os.PathLike) -> None:
+        """Write atomically (temporary file in the same folder, then rename)."""
+        path = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+        try:
+            with os.fdopen(fd, "w") as fh:
+                json.dump(self.to_dict(), fh, indent=1, allow_nan=False)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    @classmethod
+    def from_dict(cls, d: dict, model=None) -> "FitResult":
+        nan = float("nan")
+        est = pd.Series({k: (nan if v is None else float(v)) for k, v in d["estimates"].items()}, dtype=float)
+        cov = _frame_from_json(d.get("covariance"))
+        return cls(
+            method=d["method"], options=d.get("options", {}), estimates=est, fixed=list(d.get("fixed", [])),
+            ofv=float(d["ofv"]), loglik=float(d["loglik"]), n_subjects=int(d["n_subjects"]),
+            n_obs=int(d["n_obs"]), n_estimated=int(d["n_estimated"]), converged=bool(d["converged"]),
+            n_iter=int(d["n_iter"]), elapsed_s=float(d["elapsed_s"]), messages=list(d.get("messages", [])),
+            seed=d.get("seed"), versions=d.get("versions", {}), model_name=d.get("model", ""),
+            eta_names=list(d.get("eta_names", [])), covariance=None if cov is None else cov.astype(float),
+            covariance_ok=bool(d.get("covariance_ok")), covariance_kind=d.get("covariance_kind"),
+            covariance_message=d.get("covariance_message", ""), condition_number=d.get("condition_number"),
+            individual_estimates=_frame_from_json(d.get("individual_estimates")),
+            predictions=_frame_from_json(d.get("predictions")),
+            eta_shrinkage=None if d.get("eta_shrinkage") is None else pd.Series(d["eta_shrinkage"], dtype=float),
+            epsilon_shrinkage=d.get("epsilon_shrinkage"), extra=d.get("extra", {}), model=model,
+        )
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike, model=None) -> "FitResult":
+        with open(path) as fh:
+            return cls.from_dict(json.load(fh), model=model)
