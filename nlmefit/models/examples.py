@@ -2,7 +2,7 @@
 
 * :func:`pheno_real` — NONMEM's ``pheno_real.mod`` (phenobarbital in neonates), a ``$PK``-style parameter
   function: ``TVCL = θ1·WGT``, ``TVV = θ2·WGT·(1 + θ3 if APGR < 5)``, ``CL = TVCL·exp(η1)``, ``V = TVV·exp(η2)``,
-  proportional error with SIGMA = 0.013241 (a variance; nlmefit's ``sigma_prop`` is its square root).
+  proportional error with initial SIGMA = 0.0130865 (a variance; nlmefit's ``sigma_prop`` is its square root).
 * :func:`wang2007` — the toy model of Wang (2007): ``f = 10·exp(−ke·t)``, ``ke = tke·exp(η)``, all FIXED.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ def pheno_real() -> Model:
         theta={"tvcl": Param(0.00469307, lower=0.0), "tvv": Param(1.00916, lower=0.0),
                "apgr_v": Param(0.1, lower=-0.99)},
         omega={"cl": 0.0309626, "v": 0.031128},
-        sigma={"prop": math.sqrt(0.013241)},
+        sigma={"prop": math.sqrt(0.0130865)},
         error="proportional",
         params=_pheno_params,
         name="pheno_real",
