@@ -51,6 +51,12 @@ def find_modes(
         g = g.detach()
         val = val.detach()
         value = val
+        bad = ~(torch.isfinite(H).flatten(-2).all(-1) & torch.isfinite(g).all(-1) & torch.isfinite(val))
+        if bool(bad.any()):  # a subject whose objective is not finite here stops; the others go on
+            eye = torch.eye(q, dtype=H.dtype, device=H.device).expand_as(H)
+            H = torch.where(bad[:, None, None], eye, H)
+            g = torch.where(bad[:, None], torch.zeros_like(g), g)
+            active = active & ~bad
         w, V = torch.linalg.eigh(H)
         floor = 1e-8 * w.abs().amax(-1, keepdim=True).clamp_min(1.0)
         w = torch.maximum(w.abs(), floor)  # modified Newton: |λ| keeps the direction a descent one

@@ -173,8 +173,11 @@ class Model:
                 + (f", iov={p.iov_names}" if p.iov_names else "") + ")")
 
     # ------------------------------------------------------------------ data binding (the boundary)
-    def prepare(self, panel, device=None, dtype=torch.float64) -> ModelData:
-        """Bind a :class:`~nlmefit.panel.Panel` to this model, checking every model/data mismatch here."""
+    def prepare(self, panel, device=None, dtype=torch.float64, check_likelihood: bool = True) -> ModelData:
+        """Bind a :class:`~nlmefit.panel.Panel` to this model, checking every model/data mismatch here.
+
+        With ``check_likelihood`` a non-finite likelihood at the initial values is warned about (not for
+        simulation templates, whose DV are missing)."""
         from nlmefit.panel import Panel
 
         if not isinstance(panel, Panel):
@@ -235,7 +238,7 @@ class Model:
         data = ModelData(panel, events, y, torch.as_tensor(mask_np, device=device),
                          torch.as_tensor(cens_np, device=device), limit, cov,
                          torch.as_tensor(panel.obs_occ, device=device, dtype=torch.int64), n_occ, q, per_obs)
-        self._dry_run(data)
+        self._dry_run(data, check_likelihood)
         return data
 
     def _dvid_code(self, panel) -> int:
@@ -253,7 +256,7 @@ class Model:
         inv = {v: k for k, v in levels.items()} if isinstance(levels, dict) else {}
         return [inv.get(int(c), int(c)) for c in codes]
 
-    def _dry_run(self, data: ModelData) -> None:
+    def _dry_run(self, data: ModelData, check_likelihood: bool = True) -> None:
         p = self.initial_params(data.y.dtype, data.y.device)
         eta = torch.zeros(data.n_subjects, data.q, dtype=data.y.dtype, device=data.y.device)
         try:
@@ -269,7 +272,10 @@ class Model:
             raise ModelSpecError("the data has RATE=-2 (modelled duration) but the model defines no 'dur'")
         if bool((rates == -1).any()) and "rate" not in ind:
             raise ModelSpecError("the data has RATE=-1 (modelled rate) but the model defines no 'rate'")
-        f, var = self.predict(p, eta, data)
+        if not check_likelihood:
+            return
+        with torch.no_grad():
+            f, var = self.predict(p, eta, data)
         bad = data.mask & ~(torch.isfinite(f) & torch.isfinite(var) & (var > 0))
         if bool(bad.any()):
             i, j = [int(x) for x in torch.nonzero(bad)[0]]

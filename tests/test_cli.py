@@ -1,0 +1,75 @@
+"""The nlmefit command: validate, simulate, fit (exit codes, files, one-line errors)."""
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+import nlmefit
+from nlmefit.cli import main
+from nlmefit.results import FitResult
+
+
+@pytest.mark.parametrize("name", ["theophylline", "pheno", "warfarin", "wang2007", "oral_1cpt", "bolus_2cpt",
+                                  "infusion_1cpt"])
+def test_validate_prints_summary_of_shipped_datasets(name, capsys):
+    rc = main(["validate", name])
+    out = capsys.readouterr().out
+    assert rc == 0 and "subjects=" in out
+
+
+def test_validate_csv_path(capsys):
+    assert main(["validate", str(nlmefit.datasets.path("pheno"))]) == 0
+    assert "subjects=59" in capsys.readouterr().out
+
+
+def test_validate_broken_csv_one_line_exit_2(tmp_path, capsys):
+    df = nlmefit.datasets.load("theophylline")
+    df.loc[5, "TIME"] = -3
+    f = tmp_path / "bad.csv"
+    df.to_csv(f, index=False)
+    rc = main(["validate", str(f)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1 and "TIME" in err and "ID" in err
+
+
+def test_validate_missing_file_exit_2(capsys):
+    assert main(["validate", "/nonexistent/file.csv"]) == 2
+
+
+def test_simulate_library_model(tmp_path):
+    out = tmp_path / "sim.csv"
+    rc = main(["simulate", "theophylline", "--model", "1cmt_oral", "--param", "cl=2.8", "--param", "v=32",
+               "-n", "2", "--seed", "3", "--out", str(out)])
+    assert rc == 0
+    sim = pd.read_csv(out)
+    assert sim["REP"].nunique() == 2 and len(sim) == 2 * 144
+
+
+def test_simulate_model_from_file(tmp_path):
+    f = tmp_path / "mymodel.py"
+    f.write_text("import nlmefit\nmodel = nlmefit.library.get('1cmt_oral', error='proportional')\n")
+    out = tmp_path / "sim.csv"
+    assert main(["simulate", "theophylline", "--model", f"{f}:model", "--out", str(out), "--seed", "1"]) == 0
+    assert main(["simulate", "theophylline", "--model", f"{f}:nothing", "--out", str(out)]) == 2
+
+
+def test_fit_theophylline_writes_result_and_round_trips(tmp_path):
+    rc = main(["fit", "theophylline", "--out", str(tmp_path), "--quiet"])
+    assert rc == 0
+    d = json.loads((tmp_path / "result.json").read_text())
+    for key in ["method", "ofv", "loglik", "aic", "bic", "n_subjects", "n_obs", "converged", "elapsed_s",
+                "estimates", "se"]:
+        assert key in d
+    assert {"sigma_add", "omega_cl", "omega_v", "omega_ka", "cl", "v", "ka"} <= set(d["estimates"])
+    assert abs(d["ofv"] - 116.8) < 0.1
+    r = FitResult.from_json(tmp_path / "result.json")
+    assert r.ofv == d["ofv"] and r.estimates.to_dict() == d["estimates"]
+    assert (tmp_path / "summary.csv").exists() and (tmp_path / "predictions.csv").exists()
+
+
+def test_console_script_installed():
+    out = subprocess.run([sys.executable, "-m", "nlmefit.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "validate" in out.stdout
