@@ -1,0 +1,200 @@
+"""Closed-form concentrations of the linear 1/2/3-compartment models by superposition over doses.
+
+One code path for every number of compartments: the central unit-bolus response is ``Σ_k A_k e^{−λ_k t}``
+(:func:`nlmefit.pk.macro.macro_constants`), and every dose contributes, per exponential term (rate λ, coefficient A)
+and with Δ = t_obs − t_dose − tlag:
+
+* bolus into the central compartment: ``A·e^{−λΔ}``;
+* first-order absorption from the depot: ``A·ka·(e^{−λΔ} − e^{−kaΔ})/(ka − λ)``;
+* zero-order infusion of rate R and duration T: ``A·R/λ·(1 − e^{−λ·min(Δ,T)})·e^{−λ·max(Δ−T,0)}``;
+
+scaled by the bioavailability ``f``. A steady-state dose (``dose_ss`` 1 or 2, interval τ = ``dose_ii``) contributes
+the sum of itself and all its implied predecessors τ, 2τ, ... earlier, valid for every Δ ≥ 0:
+
+* bolus: ``A·e^{−λΔ}·w(λ)`` with ``w(k) = 1/(1 − e^{−kτ})``;
+* oral: ``A·ka·[u(λ) − u(ka)]/(ka − λ)`` with ``u(k) = e^{−kΔ}·w(k)``;
+* infusion: with n = #{m ≥ 0 : Δ + mτ < T} implied infusions still running (any T, also T > τ),
+  ``A·R/λ·[Σ_{m<n}(1 − e^{−λ(Δ+mτ)}) + (1 − e^{−λT})·e^{−λ(Δ+nτ−T)}·w(λ)]``.
+
+The reset of SS=1 and the addition of SS=2 need nothing here: they are the epoch mask of
+:meth:`nlmefit.pk.events.Events.contributes`. A dose counts for an observation when that mask is true and Δ ≥ 0
+(a lag time can push Δ below zero; an effect at exactly Δ = 0 is seen, as on the ODE path).
+
+Numerics
+--------
+* The absorption term is evaluated as the divided difference ``D(λ, ka; s) = (e^{−λs} − e^{−kas})/(ka − λ)
+  = e^{−min(λ,ka)s}·s·φ(|ka − λ|s)`` with ``φ(x) = (1 − e^{−x})/x`` (``expm1``; a Taylor series near 0). It is
+  exact to machine precision for every ka, including ka = λ (where it is ``s·e^{−λs}``), never overflows, and its
+  gradient is finite there. The steady-state oral term uses the same divided differences:
+  ``[u(λ) − u(ka)]/(ka − λ) = D(λ,ka;Δ)·w(λ) + e^{−kaΔ}·D(λ,ka;τ)·w(λ)·w(ka)``.
+* ``1 − e^{−x}`` is always ``−expm1(−x)``; all exponents are ≤ 0.
+* Masked entries (padding, doses after the observation, other epochs, Δ < 0) are evaluated at safe arguments
+  (Δ = 0, τ = T = R = 1) and dropped with ``torch.where``, so no gradient is ever NaN.
+
+Doses (NONMEM conventions, as on the ODE path :func:`nlmefit.pk.ode.solve`): the amount is ``f·amt``; a data
+infusion (``dose_rate`` > 0) keeps its rate and lasts ``f·amt/rate``; ``dose_rate`` −1 takes the rate from
+``params['rate']`` (duration ``f·amt/rate``), −2 the duration from ``params['dur']`` (rate ``f·amt/dur``).
+Tensors are ``[N, J, D, ncmt]`` (observations × doses × exponentials); memory is O(J·D) per subject.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from nlmefit.errors import ModelSpecError
+from nlmefit.pk.events import Events
+from nlmefit.pk.macro import PK_PARAMS, macro_constants
+
+__all__ = ["concentration", "macro_constants"]
+
+_TAYLOR_X = 1e-3  # below this, φ(x) = (1 − e^{−x})/x by its Taylor series (error < x⁵/720 ≈ 1e-18)
+
+
+def _phi(x: torch.Tensor) -> torch.Tensor:
+    """(1 − e^{−x})/x for x ≥ 0, accurate (value and gradient) at and near 0."""
+    small = x < _TAYLOR_X
+    xs = torch.where(small, torch.ones_like(x), x)
+    big = -torch.expm1(-xs) / xs
+    xt = torch.where(small, x, torch.zeros_like(x))
+    taylor = 1 - xt / 2 * (1 - xt / 3 * (1 - xt / 4 * (1 - xt / 5)))
+    return torch.where(small, taylor, big)
+
+
+def _divdiff(a: torch.Tensor, b: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """(e^{−a s} − e^{−b s})/(b − a) for s ≥ 0, stable for every a, b (including a = b: s·e^{−a s})."""
+    return torch.exp(-torch.minimum(a, b) * s) * s * _phi((a - b).abs() * s)
+
+
+def _as_param(x, dtype, device, n: int) -> torch.Tensor:
+    """A parameter as a 0-d or 2-d tensor broadcastable to [N, J]: a 1-d one of length N is per subject ([N, 1]),
+    any other 1-d one per observation ([1, J])."""
+    t = torch.as_tensor(x)
+    t = t.to(dtype=dtype, device=device)
+    if t.dim() == 1:
+        t = t[:, None] if t.shape[0] == n else t[None, :]
+    if t.dim() > 2:
+        raise ModelSpecError(f"closed-form parameters must be broadcastable to [N, J]; got shape {tuple(t.shape)}")
+    return t
+
+
+def concentration(params: Mapping[str, torch.Tensor], events: Events, ncmt: int, oral: bool) -> torch.Tensor:
+    """Central-compartment concentration ``[N, J]`` at ``events.obs_time`` (0 at padded observations).
+
+    ``params`` maps names to tensors broadcastable to ``[N, J]`` (per-observation parameters, applied to the whole
+    dose history of their observation; ``[N, 1]`` or ``[N]`` for per-subject ones; a 1-d tensor of length N is
+    always read as per subject): ``cl``, ``v``; ``q``, ``vp`` (ncmt ≥ 2); ``q2``, ``vp2`` (ncmt = 3); ``ka`` (oral);
+    optional ``f`` (bioavailability, default 1), ``tlag`` (default 0), ``dur`` (doses with ``dose_rate`` −2) and
+    ``rate`` (doses with ``dose_rate`` −1). Route-1 doses go into the depot (``oral=True`` only); route-0 doses into
+    the central compartment (bolus or infusion). Differentiable in every parameter.
+    """
+    if ncmt not in PK_PARAMS:
+        raise ModelSpecError(f"ncmt must be 1, 2 or 3, got {ncmt}")
+    ev = events
+    dtype = ev.obs_time.dtype if ev.obs_time.is_floating_point() else torch.get_default_dtype()
+    device = ev.obs_time.device
+    n = ev.obs_time.shape[0]
+    need = list(PK_PARAMS[ncmt]) + (["ka"] if oral else [])
+    missing = [k for k in need if k not in params]
+    if missing:
+        raise ModelSpecError(f"the {ncmt}-compartment {'oral' if oral else 'IV'} closed form needs the parameters "
+                             f"{need}; missing {missing}")
+    p = {k: _as_param(v, dtype, device, n) for k, v in params.items()
+         if k in need or k in ("f", "tlag", "dur", "rate")}
+
+    # ------------------------------------------------------------ doses [N, J', D] (J' = 1 unless params vary by obs)
+    dm = ev.dose_mask
+    dr = ev.dose_rate.to(dtype)
+    route1 = dm & (ev.dose_route == 1)
+    data_inf, rate_mod, dur_mod = dm & (dr > 0), dm & (dr == -1), dm & (dr == -2)
+    is_inf = data_inf | rate_mod | dur_mod
+    ss = dm & (ev.dose_ss > 0)
+    ii = ev.dose_ii.to(dtype)
+    flags = torch.stack([(route1 & (dr != 0)).any(), route1.any(), rate_mod.any(), dur_mod.any(),
+                         (ss & ~(ii > 0)).any(), (is_inf & ~route1).any(), ss.any()]).tolist()
+    bad_inf, any_route1, any_rate_mod, any_dur_mod, bad_ii, any_inf, any_ss = flags
+    if bad_inf:
+        raise ModelSpecError("infusions into the depot (dose_route 1 with a nonzero RATE) are not supported by the "
+                             "closed-form models; dose them into the central compartment or use the ODE path")
+    if any_route1 and not oral:
+        raise ModelSpecError("doses into the depot (dose_route 1) need an oral model (oral=True)")
+    if any_rate_mod and "rate" not in p:
+        raise ModelSpecError("the data has RATE=-1 (modelled rate) but the parameters have no 'rate'")
+    if any_dur_mod and "dur" not in p:
+        raise ModelSpecError("the data has RATE=-2 (modelled duration) but the parameters have no 'dur'")
+    if bad_ii:
+        raise ModelSpecError("steady-state doses (SS=1/2) need an interval II > 0")
+
+    def per_dose(x: torch.Tensor) -> torch.Tensor:  # [N, J'] parameter → [N, J', 1]; scalars stay scalars
+        return x[..., None] if x.dim() == 2 else x
+
+    one = torch.ones((), dtype=dtype, device=device)
+    f = per_dose(p["f"]) if "f" in p else one
+    amt = torch.where(dm, ev.dose_amt.to(dtype), torch.zeros_like(dr))[:, None, :] * f  # [N, J', D]
+    contrib = ev.contributes()  # [N, J, D]
+    delta = ev.obs_time.to(dtype)[:, :, None] - ev.dose_time.to(dtype)[:, None, :]
+    if "tlag" in p:
+        delta = delta - per_dose(p["tlag"])
+    mask = contrib & (delta >= 0)
+    dt = torch.where(mask, delta, torch.zeros_like(delta))[..., None]  # [N, J, D, 1], safe Δ
+    ss4 = ss[:, None, :, None]
+    tau = torch.where(ss, ii, torch.ones_like(ii))[:, None, :, None]  # [N, 1, D, 1], safe τ
+
+    lam, a_coef = macro_constants({k: p[k] for k in PK_PARAMS[ncmt]}, ncmt)  # [N?, J'?, K]
+    lam = lam[..., None, :] if lam.dim() >= 2 else lam  # [N, J', 1, K]
+    a_coef = a_coef[..., None, :] if a_coef.dim() >= 2 else a_coef
+    e_lam = torch.exp(-lam * dt)  # [N, J, D, K]
+    if any_ss:
+        w_lam = 1 / -torch.expm1(-lam * tau)  # [N, 1|J', D, K]
+
+    # bolus into the central compartment (also the default for non-infusion route-0 doses)
+    resp = e_lam * torch.where(ss4, w_lam, torch.ones_like(w_lam)) if any_ss else e_lam
+    resp = amt[..., None] * resp
+
+    used = set(PK_PARAMS[ncmt]) | {"f", "tlag"}
+    if oral and any_route1:
+        used.add("ka")
+        ka = per_dose(p["ka"])[..., None]  # [N, J', 1, 1]
+        kdiff = _divdiff(lam, ka, dt)
+        if any_ss:
+            w_ka = 1 / -torch.expm1(-ka * tau)
+            ss_extra = torch.exp(-ka * dt) * _divdiff(lam, ka, tau) * w_lam * w_ka
+            kdiff = torch.where(ss4, kdiff * w_lam + ss_extra, kdiff)
+        resp = torch.where(route1[:, None, :, None], amt[..., None] * ka * kdiff, resp)
+
+    if any_inf:
+        used |= {"rate", "dur"}
+        ones_d = torch.ones_like(dr)
+        rate = torch.where(data_inf, dr, ones_d)[:, None, :]  # [N, 1, D]
+        if "rate" in p:
+            rate = torch.where(rate_mod[:, None, :], per_dose(p["rate"]), rate)
+        dur = amt / rate
+        if "dur" in p:
+            dur_p = torch.where(dur_mod[:, None, :], per_dose(p["dur"]), ones_d[:, None, :])
+            rate = torch.where(dur_mod[:, None, :], amt / dur_p, rate)
+            dur = torch.where(dur_mod[:, None, :], dur_p, dur)
+        inf3 = is_inf[:, None, :]
+        rate = torch.where(inf3, rate, ones_d[:, None, :])[..., None]  # safe R, T: [N, J', D, 1]
+        dur = torch.where(inf3, dur, ones_d[:, None, :])[..., None]
+        r_over = rate / lam
+        during = torch.minimum(dt, dur)
+        single = -torch.expm1(-lam * during) * torch.exp(-lam * torch.clamp(dt - dur, min=0))
+        if any_ss:
+            # n = #{m ≥ 0: Δ + mτ < T}: implied infusions (this one included) still running at Δ (piecewise constant)
+            n_run = torch.clamp(torch.ceil((dur - dt).detach() / tau), min=0)
+            m_run = torch.clamp(n_run - 1, min=0)
+            first = torch.where(n_run >= 1, -torch.expm1(-lam * dt), torch.zeros_like(e_lam))
+            earlier = m_run - torch.exp(-lam * (dt + tau)) * -torch.expm1(-lam * m_run * tau) * w_lam
+            tail = -torch.expm1(-lam * dur) * torch.exp(-lam * torch.clamp(dt + n_run * tau - dur, min=0)) * w_lam
+            single = torch.where(ss4, first + earlier + tail, single)
+        resp = torch.where(is_inf[:, None, :, None], r_over * single, resp)
+
+    terms = torch.where(mask[..., None], a_coef * resp, torch.zeros_like(resp))
+    conc = terms.sum((-1, -2))
+    conc = torch.where(ev.obs_mask, conc, torch.zeros_like(conc))
+    # parameters this batch's doses do not need (ka without depot doses, dur/rate without infusions) stay in the
+    # graph with a zero gradient, so torch.autograd.grad over them does not fail for such a shard
+    never = torch.zeros_like(ev.obs_mask)
+    for k in sorted(set(p) - used):
+        conc = conc + torch.where(never, p[k], torch.zeros((), dtype=dtype, device=device))
+    return conc
