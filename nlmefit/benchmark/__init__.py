@@ -1,0 +1,5 @@
+"""Benchmarks: scripts that print figures (never assertions on wall time).
+
+``python -m nlmefit.benchmark.classical`` — FO/FOCE-I fit times, objective evaluations per second, memory.
+``python -m nlmefit.benchmark.data`` — Panel build and batched prediction throughput.
+"""
