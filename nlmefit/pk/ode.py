@@ -1,0 +1,408 @@
+"""The ODE path of the pharmacokinetics: a user right-hand side integrated over the dose/observation events.
+
+An :class:`OdeSystem` is a right-hand side ``rhs(t [N], x [N, S], params {name: [N]}) -> dx/dt [N, S]`` plus the
+roles of its states (which one receives oral doses, which one is dosed intravenously and observed, which parameter
+is its volume). :func:`solve` integrates it for a batch of subjects and returns concentrations at the observation
+times, ``[N, J]``, exactly like the closed forms of :mod:`nlmefit.pk.closed_form`.
+
+Method
+------
+Every subject's events — dose effects (dose time + ``tlag``), infusion ends, observations and the dose *records*
+that may start a new reset epoch — are sorted into one list per subject (ties as in NONMEM: by the records' ``seq``;
+a lagged dose effect precedes records at its effect time; infusion ends come last) and padded to a common length E
+with zero-length segments. The Python loop runs over the event index k, never over subjects: segment k is integrated
+for all subjects at once in rescaled time s ∈ [0, 1],
+
+    dx/ds = Δ_k · (rhs(t_{k-1} + s·Δ_k, x) + u_k),
+
+with Δ_k = t_k − t_{k−1} per subject (0 for padding: no change) and u_k the infusion input rates active on the
+segment. Because the event times enter only through Δ_k and t_{k−1}, gradients with respect to ``tlag``, ``dur`` and
+``rate`` flow through the solver like those of any other parameter. Between segments the bolus doses are added
+(amount · ``f`` into the route's state), infusion rates are switched on and off, reset epochs (EVID 3/4, SS=1) set the
+state to zero, and the central amount is recorded at observation events.
+
+Steady state (``dose_ss`` 1: reset the state to the periodic one, 2: add it) needs the periodic pre-dose state x* of
+the interval map Φ: x ↦ state one dosing interval after (x + dose), evaluated by integrating one interval from the
+dose time (batched over subjects; infusions longer than the interval overlap as they would after infinitely many
+doses, and the still-running earlier infusions get their own end events). The iteration stops when the pre-dose
+state changes by less than 1e-12 relative over one interval (at most 1000 intervals). Plain repetition
+x ← Φ(x) contracts by e^{−λ_min·II} per interval — hundreds of intervals for a slow terminal phase — so each
+interval is used as a Newton step instead: ∂Φ/∂x comes from central differences computed *inside the same batched
+solve* (the 2S perturbed copies share the adaptive steps of the base copy, so they difference one smooth discrete
+map: ~1e-9 relative). Newton is exact after one step for a linear system and converges quadratically otherwise; a
+plain fixed-point step is taken when a Newton step fails to reduce the change. The iteration runs without autograd;
+one last differentiable Newton step from the converged state, x* = x₀ + (I − J)⁻¹(Φ(x₀; θ) − x₀), carries the
+implicit-function-theorem derivative dx*/dθ = (I − J)⁻¹ ∂Φ/∂θ. A subject whose state grows without bound (e.g. a
+Michaelis–Menten dose rate above vm) has no steady state: its concentrations are NaN, with a warning.
+
+A lag time shifts dose effects, not the records: an SS=1 record resets the state at its own time, so an
+observation between the record and the lagged dose sees 0 (as in :mod:`nlmefit.pk.closed_form`).
+
+Why torchdiffeq rather than a hand-written integrator
+---------------------------------------------------
+* **Tolerance control.** ``odeint`` with adaptive Dormand–Prince 5(4) (``dopri5``) controls the local error against
+  ``atol + rtol·|x|``; with ``options=dict(norm=max-norm)`` the step is accepted only if *every* state of *every*
+  subject meets the tolerance (the default RMS norm would let one badly resolved subject hide among many easy ones).
+  That is what makes the ODE path agree with the closed forms to 1e-6 relative and better. A fixed-step RK4 would
+  need the step size guessed per problem and gives no error guarantee.
+* **Batched.** The state is one ``[N, S]`` tensor; a step costs the same number of Python operations for 1 or
+  100 000 subjects, and runs on GPU unchanged. The shared step size is driven by the hardest subject, which is the
+  price of batching; zero-length (padding) segments cost nothing.
+* **Differentiable.** Autograd through the solver's operations ("discretise-then-differentiate") gives the exact
+  gradient of the computed solution, which is what a gradient-based estimator needs for consistent line searches;
+  the adjoint method would only approximate it and re-integrate backwards (unstable for strongly damped PK
+  systems). Memory grows with the number of steps, which is fine for PK event lists.
+* **Maintained.** torchdiffeq is the reference ODE library for PyTorch (stable API, used by many packages), offers
+  other adaptive solvers by name (``method=``: ``bosh3``, ``tsit5``, ...; implicit solvers are not available, so
+  very stiff systems need small steps), and saves us testing a Runge–Kutta implementation of our own.
+
+Measured (CPU, float64, torchdiffeq 0.2.5): at the default rtol 1e-10 / atol 1e-12 the linear 1–3-compartment
+systems agree with matrix-exponential and closed-form solutions to ~1e-10 relative (rtol 1e-8: ~2e-9); a step costs
+~1.5–2 ms of mostly Python overhead whatever N, about 90 steps per 10 h of a 3-compartment oral profile.
+``dopri8`` takes fewer steps but its error estimate is unreliable there (1e-7 error at rtol 1e-10), hence ``dopri5``.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import torch
+from torchdiffeq import odeint
+
+from nlmefit.errors import ModelSpecError
+from nlmefit.pk.events import Events
+
+__all__ = ["OdeSystem", "solve", "ADAPTIVE_METHODS"]
+
+#: torchdiffeq methods with error control (those accept the max-norm option)
+ADAPTIVE_METHODS = frozenset({"dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun", "tsit5"})
+
+_OBS, _REC, _DOSE, _END = 0, 1, 2, 3
+_SS_TOL = 1e-12
+_SS_MAX_INTERVALS = 1000
+
+
+@dataclass(frozen=True)
+class OdeSystem:
+    """A PK right-hand side and the roles of its states.
+
+    ``rhs(t [N], x [N, S], params {name: [N]}) -> dx/dt [N, S]`` (amounts per time unit). Doses with route 1 (oral)
+    go into ``depot`` (an error for a system without one, as for the closed forms), route-0 doses (bolus and
+    infusion) into ``central``; the concentration is ``x[:, central] /
+    params[volume]``. ``params`` lists the parameter names the right-hand side reads (documentation and checks).
+    """
+
+    n_states: int
+    rhs: Callable[[torch.Tensor, torch.Tensor, Mapping[str, torch.Tensor]], torch.Tensor]
+    depot: int | None
+    central: int
+    volume: str = "v"
+    names: tuple[str, ...] = ()
+    params: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.n_states < 1:
+            raise ModelSpecError(f"an ODE system needs at least one state, got n_states={self.n_states}")
+        for role, idx in (("central", self.central), ("depot", self.depot)):
+            if idx is not None and not 0 <= idx < self.n_states:
+                raise ModelSpecError(f"{role} state index {idx} is outside 0..{self.n_states - 1}")
+        if not self.names:
+            object.__setattr__(self, "names", tuple(f"x{i}" for i in range(self.n_states)))
+        elif len(self.names) != self.n_states:
+            raise ModelSpecError(f"{len(self.names)} state names for {self.n_states} states")
+
+
+def _maxnorm(t: torch.Tensor) -> torch.Tensor:
+    return t.abs().max()
+
+
+def _per_subject(params: Mapping[str, torch.Tensor], n: int, dtype, device) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in params.items():
+        v = torch.as_tensor(v).to(dtype=dtype, device=device)
+        if v.dim() == 2 and v.shape[1] == 1:
+            v = v[:, 0]
+        if v.dim() > 1 or (v.dim() == 1 and v.shape[0] not in (1, n)):
+            raise ModelSpecError(f"ODE parameter {k!r} must be per subject ([N] or [N, 1] with N={n}), "
+                                 f"got shape {tuple(v.shape)}")
+        out[k] = v.expand(n) if v.dim() == 0 or v.shape[0] != n else v
+    return out
+
+
+class _Integrator:
+    """Integrates segments of per-subject length for the whole batch (rescaled time s ∈ [0, 1])."""
+
+    def __init__(self, system: OdeSystem, p: Mapping[str, torch.Tensor], rtol: float, atol: float, method: str):
+        self.system, self.p, self.rtol, self.atol, self.method = system, p, rtol, atol, method
+        self.options = dict(norm=_maxnorm)
+
+    def _odeint(self, f, y0: torch.Tensor) -> torch.Tensor:
+        s = torch.tensor([0.0, 1.0], dtype=y0.dtype, device=y0.device)
+        return odeint(f, y0, s, rtol=self.rtol, atol=self.atol, method=self.method, options=self.options)[-1]
+
+    def flow(self, x, u, t0, delta):
+        """The state after a segment of length ``delta`` [N] from ``t0`` [N] with constant input ``u`` [N, S]."""
+        rhs, p = self.system.rhs, self.p
+
+        def f(s, y):
+            return delta[:, None] * (rhs(t0 + s * delta, y, p) + u)
+
+        return self._odeint(f, x)
+
+
+def _periodic(integ: _Integrator, t0, bolus, rate, dur, ii, active, x_like) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pre-dose periodic state x* = Φ(x*) of repeated doses every ``ii`` (subjects where ``active``; others 0).
+
+    Returns x* [N, S] and ``ok`` [N] (False where no steady state was found; x* is 0 there so that the batch goes on).
+
+    One interval from the dose: bolus ``bolus`` [N, S] at its start; infusions of rate ``rate`` [N, S] (per dose) and
+    duration ``dur`` [N] overlap when dur > ii: (K+1) of them run on [0, r), K on [r, ii) with dur = K·ii + r.
+    Newton iteration on Φ(x) − x. ∂Φ/∂x is taken by central differences *inside one batched solve*: the 2S
+    perturbed copies share the base copy's adaptive steps, so the differences are those of one smooth discrete map
+    (error O(h²) + rounding/h, ~1e-9 relative with h = 1e-6·|x|), at the cost of a wider batch rather than S
+    backward passes through the solver (several times slower) or forward-mode AD (which falls back to slow
+    decompositions in torch).
+    """
+    n, s_ = x_like.shape
+    dt = x_like.dtype
+    ii_ = torch.where(active, ii, torch.ones_like(ii))
+    k = torch.floor(dur.detach() / ii_)
+    r = dur - k * ii_
+    d1 = torch.where(active, r, torch.zeros_like(r))
+    d2 = torch.where(active, ii_ - r, torch.zeros_like(r))
+    u1, u2 = (k + 1)[:, None] * rate, k[:, None] * rate
+    bolus = torch.where(active[:, None], bolus, torch.zeros_like(bolus))
+    eye = torch.eye(s_, dtype=dt, device=x_like.device).expand(n, s_, s_)
+    any1 = bool((d1.detach() > 0).any())
+
+    def phi(ig, x, t0, d1, d2, u1, u2, bolus):
+        y = x + bolus
+        if any1:
+            y = ig.flow(y, u1, t0, d1)
+        return ig.flow(y, u2, t0 + d1, d2)
+
+    m = 2 * s_ + 1
+    frozen = _Integrator(integ.system, {k: v.detach().repeat(m) for k, v in integ.p.items()}, integ.rtol, integ.atol,
+                         integ.method)
+    args_rep = [v.detach().repeat(m, *([1] * (v.dim() - 1))) for v in (t0, d1, d2, u1, u2, bolus)]
+    dose_scale = (bolus.abs().amax(1) + (u1 * d1[:, None] + u2 * d2[:, None]).abs().amax(1)).detach()
+    with torch.no_grad():
+        x = torch.zeros(n, s_, dtype=dt, device=x_like.device)
+        done, good = ~active, ~active
+        prev_rel = torch.full((n,), math.inf, dtype=dt, device=x.device)
+        for _ in range(_SS_MAX_INTERVALS):
+            h = 1e-6 * torch.maximum(x.abs().amax(1), dose_scale).clamp_min(1e-30)
+            hh = h[:, None, None] * eye  # [N, S(perturbation), S]
+            xs = torch.cat([x, (x[:, None, :] + hh).transpose(0, 1).reshape(s_ * n, s_),
+                            (x[:, None, :] - hh).transpose(0, 1).reshape(s_ * n, s_)])
+            ys = phi(frozen, xs, *args_rep)
+            y = ys[:n]
+            yp = ys[n:n + s_ * n].reshape(s_, n, s_)
+            ym = ys[n + s_ * n:].reshape(s_, n, s_)
+            jac = ((yp - ym) / (2 * h[None, :, None])).permute(1, 2, 0)  # [N, out, in]
+            a = torch.where(active[:, None, None], eye - jac, eye)
+            res = y - x
+            scale = y.abs().amax(1).clamp_min(torch.finfo(dt).tiny)
+            rel = res.abs().amax(1) / scale
+            stalled = (rel >= 0.5 * prev_rel) & (rel < 1e3 * max(integ.rtol, _SS_TOL))
+            # an accumulation ratio of 1e6 (half-life ~7e5 intervals) means no steady state (e.g. saturated MM)
+            diverged = ~torch.isfinite(rel) | (scale > 1e6 * dose_scale.clamp_min(1e-30))
+            good = good | (~done & ~diverged & ((rel < _SS_TOL) | stalled))
+            done = done | good | diverged
+            if bool(done.all()):
+                break
+            newton_ok = rel <= prev_rel  # else a plain fixed-point step x <- Φ(x)
+            step = torch.linalg.solve(a, res.unsqueeze(-1)).squeeze(-1)
+            x_new = torch.where(newton_ok[:, None], x + step, y)
+            x = torch.where(done[:, None], x, x_new)
+            prev_rel = torch.where(done, prev_rel, rel)
+    needs_grad = torch.is_grad_enabled() and (
+        any(v.requires_grad for v in integ.p.values())
+        or any(v.requires_grad for v in (t0, d1, d2, u1, u2, bolus)))
+    if needs_grad:  # one differentiable Newton step: dx*/dθ = (I − J)⁻¹ ∂Φ/∂θ (implicit function theorem)
+        res = phi(integ, x, t0, d1, d2, u1, u2, bolus) - x
+    x_star = x + torch.linalg.solve(a, res.unsqueeze(-1)).squeeze(-1)
+    ok = good | ~active
+    return torch.where(active[:, None] & ok[:, None], x_star, torch.zeros_like(x_star)), ok
+
+
+def solve(
+    system: OdeSystem,
+    params: Mapping[str, torch.Tensor],
+    events: Events,
+    *,
+    rtol: float = 1e-10,
+    atol: float = 1e-12,
+    method: str = "dopri5",
+) -> torch.Tensor:
+    """Concentrations ``[N, J]`` at the observation times (0 at padded observations).
+
+    ``params`` holds per-subject tensors ([N], [N, 1] or scalars) named as the right-hand side expects, plus the
+    optional ``f`` (bioavailability, multiplies every dose), ``tlag`` (shifts every dose's effect), ``dur`` (duration
+    of doses with ``dose_rate`` −2) and ``rate`` (rate of doses with ``dose_rate`` −1). A data infusion (rate > 0)
+    keeps its rate and lasts f·amt/rate (NONMEM). The state starts at zero at each subject's first event.
+    """
+    ev = events
+    dtype = ev.obs_time.dtype if ev.obs_time.is_floating_point() else torch.get_default_dtype()
+    device = ev.obs_time.device
+    n, j_obs = ev.obs_time.shape
+    d_dose = ev.dose_time.shape[1]
+    s_ = system.n_states
+    p = _per_subject(params, n, dtype, device)
+    if system.volume not in p:
+        raise ModelSpecError(f"the ODE system reads its concentration as amount/{system.volume!r}, "
+                             f"which is not among the parameters {sorted(p)}")
+    if method not in ADAPTIVE_METHODS:
+        raise ModelSpecError(f"method {method!r}: the ODE path needs an adaptive torchdiffeq method "
+                             f"({sorted(ADAPTIVE_METHODS)}); a fixed-step one would take one step per event segment")
+    one = torch.ones(n, dtype=dtype, device=device)
+    f_bio = p.get("f", one)
+    tlag = p.get("tlag", None)
+
+    # ---------------------------------------------------------------- doses
+    dm = ev.dose_mask
+    dr = ev.dose_rate.to(dtype)
+    amt = torch.where(dm, ev.dose_amt.to(dtype), torch.zeros_like(dr)) * f_bio[:, None]
+    data_inf, rate_mod, dur_mod = dm & (dr > 0), dm & (dr == -1), dm & (dr == -2)
+    is_inf = data_inf | rate_mod | dur_mod
+    if bool(rate_mod.any()) and "rate" not in p:
+        raise ModelSpecError("the data has RATE=-1 (modelled rate) but the parameters have no 'rate'")
+    if bool(dur_mod.any()) and "dur" not in p:
+        raise ModelSpecError("the data has RATE=-2 (modelled duration) but the parameters have no 'dur'")
+    ones_d = torch.ones_like(dr)
+    rate_d = torch.where(data_inf, dr, ones_d)
+    if "rate" in p:
+        rate_d = torch.where(rate_mod, p["rate"][:, None].expand_as(dr), rate_d)
+    dur_d = amt / rate_d
+    if "dur" in p:
+        dur_p = p["dur"][:, None].expand_as(dr)
+        dur_safe = torch.where(dur_mod, dur_p, ones_d)
+        rate_d = torch.where(dur_mod, amt / dur_safe, rate_d)
+        dur_d = torch.where(dur_mod, dur_p, dur_d)
+    rate_d = torch.where(is_inf, rate_d, torch.zeros_like(dr))
+    dur_d = torch.where(is_inf, dur_d, torch.zeros_like(dr))
+    bolus_d = torch.where(is_inf, torch.zeros_like(amt), amt)
+    ss_d = torch.where(dm, ev.dose_ss, torch.zeros_like(ev.dose_ss))
+    ii_d = ev.dose_ii.to(dtype)
+    if bool(((ss_d > 0) & ~(ii_d > 0)).any()):
+        raise ModelSpecError("steady-state doses (SS=1/2) need an interval II > 0 on the ODE path")
+    route_state = torch.full_like(ev.dose_route, system.central)
+    if system.depot is not None:
+        route_state = torch.where(ev.dose_route == 1, torch.full_like(route_state, system.depot), route_state)
+    elif bool((dm & (ev.dose_route == 1)).any()):
+        raise ModelSpecError("doses into the depot (dose_route 1) need an ODE system with a depot state")
+    t_eff = ev.dose_time.to(dtype) + (tlag[:, None] if tlag is not None else 0.0)
+    # infusions of earlier implied SS doses still running at an SS dose: m·II < dur, m = 1..n_prior
+    ii_safe = torch.where(ss_d > 0, ii_d, ones_d)
+    n_prior = torch.where((ss_d > 0) & is_inf, torch.ceil(dur_d.detach() / ii_safe) - 1, torch.zeros_like(dr))
+    n_prior = n_prior.clamp_min(0)
+    k_max = int(n_prior.max()) if n_prior.numel() else 0
+
+    # ---------------------------------------------------------------- the event list
+    big = float(2 ** 62)
+    times, ties, kinds, valid, idx = [], [], [], [], []
+    ar_j = torch.arange(j_obs, device=device).expand(n, j_obs)
+    ar_d = torch.arange(d_dose, device=device).expand(n, d_dose)
+
+    def add(t, tie, kind, ok, index):
+        times.append(t)
+        ties.append(tie.to(dtype))
+        kinds.append(torch.full(t.shape, kind, dtype=torch.int64, device=device))
+        valid.append(ok)
+        idx.append(index)
+
+    add(ev.obs_time.to(dtype), ev.obs_seq, _OBS, ev.obs_mask, ar_j)
+    lagged = tlag is not None
+    if lagged:
+        add(ev.dose_time.to(dtype), ev.dose_seq, _REC, dm, ar_d)
+        eff_tie = torch.where((tlag.detach() > 0)[:, None], torch.full_like(ev.dose_seq, -1), ev.dose_seq)
+        add(t_eff, eff_tie, _DOSE, dm, ar_d)
+    else:
+        add(t_eff, ev.dose_seq, _DOSE, dm, ar_d)
+    if bool(is_inf.any()):
+        end_tie = torch.full_like(ev.dose_seq, 2 ** 62)
+        add(t_eff + dur_d, end_tie, _END, is_inf, ar_d)
+        for m in range(1, k_max + 1):
+            add(t_eff + dur_d - m * ii_d, end_tie, _END, is_inf & (n_prior >= m), ar_d)
+    t_all, tie_all = torch.cat(times, 1), torch.cat(ties, 1)
+    kind_all, valid_all, idx_all = torch.cat(kinds, 1), torch.cat(valid, 1), torch.cat(idx, 1)
+    e_n = t_all.shape[1]
+    key_t = torch.where(valid_all, t_all.detach(), torch.full_like(t_all, math.inf))
+    key_tie = torch.where(valid_all, tie_all, torch.full_like(tie_all, big))
+    o1 = torch.sort(key_tie, dim=1, stable=True).indices
+    o2 = torch.sort(torch.gather(key_t, 1, o1), dim=1, stable=True).indices
+    perm = torch.gather(o1, 1, o2)
+    t_s = torch.gather(t_all, 1, perm)
+    v_s = torch.gather(valid_all, 1, perm)
+    k_s = torch.gather(kind_all, 1, perm)
+    i_s = torch.gather(idx_all, 1, perm)
+    last = (v_s.sum(1) - 1).clamp_min(0)
+    t_s = torch.where(v_s, t_s, torch.gather(t_s, 1, last[:, None]))
+    delta = torch.cat([torch.zeros_like(t_s[:, :1]), t_s[:, 1:] - t_s[:, :-1]], 1)
+
+    # per-slot payload
+    is_dose_ev = v_s & ((k_s == _DOSE) | (k_s == _END) | (k_s == _REC))
+    di = torch.where(is_dose_ev, i_s, torch.zeros_like(i_s)).clamp_max(max(d_dose - 1, 0))
+    oi = torch.where(v_s & (k_s == _OBS), i_s, torch.zeros_like(i_s)).clamp_max(max(j_obs - 1, 0))
+
+    def g(a, index):
+        return torch.gather(a, 1, index) if a.shape[1] else torch.zeros(index.shape, dtype=a.dtype, device=device)
+
+    is_rec = v_s & ((k_s == _OBS) | (k_s == _REC) | ((k_s == _DOSE) & (not lagged)))
+    rec_epoch = torch.where(k_s == _OBS, g(ev.obs_epoch, oi), g(ev.dose_epoch, di))
+    rec_epoch = torch.where(is_rec, rec_epoch, torch.full_like(rec_epoch, -1))
+    cur_epoch = torch.cummax(rec_epoch, 1).values  # epochs never decrease in data order
+    prev_epoch = torch.cat([torch.full_like(cur_epoch[:, :1], -1), cur_epoch[:, :-1]], 1)
+    reset = is_rec & (rec_epoch != prev_epoch) & (prev_epoch >= 0)
+    applies = v_s & ((k_s == _DOSE) | (k_s == _END)) & (g(ev.dose_epoch, di) == cur_epoch)
+    dose_ap = applies & (k_s == _DOSE)
+    end_ap = applies & (k_s == _END)
+    bolus_s = torch.where(dose_ap, g(bolus_d, di), torch.zeros_like(t_s))
+    r_s = g(rate_d, di)
+    drate_s = torch.where(dose_ap, r_s * (1 + g(n_prior, di)), torch.where(end_ap, -r_s, torch.zeros_like(r_s)))
+    route_s = g(route_state, di)
+    ss_s = torch.where(dose_ap, g(ss_d, di), torch.zeros_like(di))
+
+    # host-side flags: one synchronisation for the whole loop
+    flags = torch.stack([(delta.detach() > 0).any(0), reset.any(0), (bolus_s != 0).any(0),
+                         (drate_s != 0).any(0), (ss_s > 0).any(0)]).tolist()
+    integ = _Integrator(system, p, rtol, atol, method)
+    x = torch.zeros(n, s_, dtype=dtype, device=device)
+    u = torch.zeros(n, s_, dtype=dtype, device=device)
+    no_ss = torch.zeros(n, dtype=torch.bool, device=device)
+    out = []
+    for k in range(e_n):
+        if flags[0][k]:
+            x = integ.flow(x, u, t_s[:, k - 1], delta[:, k])
+        if flags[1][k]:
+            rs = reset[:, k, None]
+            x = torch.where(rs, torch.zeros_like(x), x)
+            u = torch.where(rs, torch.zeros_like(u), u)
+        if flags[2][k] or flags[3][k] or flags[4][k]:
+            onehot = torch.nn.functional.one_hot(route_s[:, k], s_).to(dtype)
+            if flags[4][k]:
+                ssk = ss_s[:, k]
+                dk = di[:, k:k + 1]
+                x_ss, ok = _periodic(integ, t_s[:, k], g(bolus_d, dk)[:, 0, None] * onehot,
+                                 g(rate_d, dk)[:, 0, None] * onehot, g(dur_d, dk)[:, 0], g(ii_d, dk)[:, 0],
+                                 ssk > 0, x)
+                x = torch.where((ssk == 1)[:, None], x_ss, torch.where((ssk == 2)[:, None], x + x_ss, x))
+                no_ss = no_ss | ~ok
+            if flags[2][k]:
+                x = x + bolus_s[:, k, None] * onehot
+            if flags[3][k]:
+                u = u + drate_s[:, k, None] * onehot
+        out.append(x[:, system.central])
+    if not out:
+        return torch.zeros(n, j_obs, dtype=dtype, device=device)
+    amounts = torch.stack(out, 1)
+    inv = torch.argsort(perm, dim=1)[:, :j_obs]
+    conc = torch.gather(amounts, 1, inv) / p[system.volume][:, None]
+    if bool(no_ss.any()):
+        warnings.warn(f"{int(no_ss.sum())} subject(s) reach no steady state (an accumulation ratio above 1e6 or "
+                      f"{_SS_MAX_INTERVALS} dosing intervals without convergence: input faster than the maximal "
+                      f"elimination?); their concentrations are NaN", RuntimeWarning, stacklevel=2)
+        conc = torch.where(no_ss[:, None], torch.full_like(conc, math.nan), conc)
+    return torch.where(ev.obs_mask, conc, torch.zeros_like(conc))

@@ -1,0 +1,121 @@
+"""A library of PK right-hand sides for :func:`nlmefit.pk.ode.solve` (parameters per subject, ``{name: [N]}``).
+
+* :func:`linear` — the 1–3-compartment mammillary model (``cl, v`` + ``q, vp`` + ``q2, vp2``, oral: ``ka``); it has
+  closed forms, so it is the yardstick of the ODE path.
+* :func:`michaelis_menten` — the same with saturable elimination ``vm·C/(km + C)``, C = central/v, instead of
+  ``cl·C`` (``vm`` an amount per time unit, ``km`` a concentration); it tends to :func:`linear` with
+  ``cl = vm/km`` when ``km ≫ C``.
+* :func:`transit` — oral absorption through ``n`` transit compartments, ``ktr = (n + 1)/mtt``, into the depot, then
+  ``ka`` into a 1-compartment central compartment with linear elimination (``mtt, ka, cl, v``).
+
+``SYSTEMS`` holds ready-made systems by name (``"2cmt_oral"``, ``"1cmt_iv_mm"``, ``"transit_3"``, ...);
+:func:`get` also builds ``transit_<n>`` for any n.
+"""
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import torch
+
+from nlmefit.errors import ModelSpecError
+from nlmefit.pk.ode import OdeSystem
+
+__all__ = ["linear", "michaelis_menten", "transit", "SYSTEMS", "get"]
+
+Params = Mapping[str, torch.Tensor]
+
+
+def _mammillary(ncmt: int, oral: bool, elimination: Callable[[torch.Tensor, Params], torch.Tensor],
+                elim_params: tuple[str, ...]) -> OdeSystem:
+    if ncmt not in (1, 2, 3):
+        raise ModelSpecError(f"ncmt must be 1, 2 or 3, got {ncmt}")
+    o = 1 if oral else 0
+    c = o  # central index
+
+    def rhs(t: torch.Tensor, x: torch.Tensor, p: Params) -> torch.Tensor:
+        v = p["v"]
+        a_c = x[:, c]
+        dc = -elimination(a_c, p)
+        cols = []
+        if oral:
+            absorbed = p["ka"] * x[:, 0]
+            cols.append(-absorbed)
+            dc = dc + absorbed
+        periph = []
+        for i, (qn, vn) in enumerate((("q", "vp"), ("q2", "vp2"))[: ncmt - 1]):
+            flow = p[qn] * (a_c / v - x[:, c + 1 + i] / p[vn])  # net flow central → peripheral
+            dc = dc - flow
+            periph.append(flow)
+        cols.append(dc)
+        cols.extend(periph)
+        return torch.stack(cols, 1)
+
+    names = (("depot",) if oral else ()) + ("central",) + ("periph1", "periph2")[: ncmt - 1]
+    params = elim_params + ("v",) + ("q", "vp", "q2", "vp2")[: 2 * (ncmt - 1)] + (("ka",) if oral else ())
+    return OdeSystem(n_states=ncmt + o, rhs=rhs, depot=0 if oral else None, central=c, volume="v",
+                     names=names, params=params)
+
+
+def linear(ncmt: int, oral: bool) -> OdeSystem:
+    """Linear mammillary model: elimination ``cl·C``; parameters ``cl, v`` (+ ``q, vp``, ``q2, vp2``, ``ka``)."""
+    return _mammillary(ncmt, oral, lambda a, p: p["cl"] * a / p["v"], ("cl",))
+
+
+def michaelis_menten(ncmt: int, oral: bool) -> OdeSystem:
+    """Saturable elimination ``vm·C/(km + C)``; parameters ``vm, km, v`` (+ ``q, vp``, ``q2, vp2``, ``ka``)."""
+
+    def elim(a, p):
+        conc = a / p["v"]
+        return p["vm"] * conc / (p["km"] + conc)
+
+    return _mammillary(ncmt, oral, elim, ("vm", "km"))
+
+
+def transit(n_transit: int) -> OdeSystem:
+    """Oral absorption through ``n_transit`` compartments (``ktr = (n+1)/mtt``) → depot (``ka``) → central (``cl/v``).
+
+    Oral doses (route 1) enter the first transit compartment (the depot itself when ``n_transit`` is 0, the plain
+    first-order absorption model, where ``mtt`` is unused); route-0 doses enter the central compartment.
+    """
+    if n_transit < 0:
+        raise ModelSpecError(f"the number of transit compartments must be >= 0, got {n_transit}")
+    nt = n_transit
+    depot, central = nt, nt + 1
+
+    def rhs(t: torch.Tensor, x: torch.Tensor, p: Params) -> torch.Tensor:
+        cols = []
+        inflow = None
+        if nt:
+            ktr = (nt + 1) / p["mtt"]
+            for i in range(nt):
+                out = ktr * x[:, i]
+                cols.append(-out if inflow is None else inflow - out)
+                inflow = out
+        absorbed = p["ka"] * x[:, depot]
+        cols.append(-absorbed if inflow is None else inflow - absorbed)
+        cols.append(absorbed - p["cl"] / p["v"] * x[:, central])
+        return torch.stack(cols, 1)
+
+    names = tuple(f"transit{i + 1}" for i in range(nt)) + ("depot", "central")
+    return OdeSystem(n_states=nt + 2, rhs=rhs, depot=0, central=central, volume="v", names=names,
+                     params=("mtt", "ka", "cl", "v"))
+
+
+SYSTEMS: dict[str, OdeSystem] = {}
+for _n in (1, 2, 3):
+    for _oral in (False, True):
+        _r = "oral" if _oral else "iv"
+        SYSTEMS[f"{_n}cmt_{_r}"] = linear(_n, _oral)
+        SYSTEMS[f"{_n}cmt_{_r}_mm"] = michaelis_menten(_n, _oral)
+for _n in range(6):
+    SYSTEMS[f"transit_{_n}"] = transit(_n)
+del _n, _oral, _r
+
+
+def get(name: str) -> OdeSystem:
+    """The system of a name in :data:`SYSTEMS`, or ``transit_<n>`` for any n >= 0."""
+    if name in SYSTEMS:
+        return SYSTEMS[name]
+    if name.startswith("transit_") and name[len("transit_"):].isdigit():
+        return transit(int(name[len("transit_"):]))
+    raise ModelSpecError(f"unknown ODE system {name!r}; known: {sorted(SYSTEMS)} (and transit_<n>)")
