@@ -151,3 +151,16 @@ def test_simulate_and_recover_2cmt_oral_200():
                  {"cl": 0.09, "v": 0.09, "q": 0.09, "vp": 0.09, "ka": 0.09}, 7,
                  [0.25, 0.5, 1, 2, 3, 4, 6, 8, 12, 24, 36, 48, 72])
     assert (z < 3).all(), z
+
+
+def test_predict_new_data_matches_fitted_predictions(theo):
+    res = nlmefit.fit(nlmefit.library.get("1cmt_oral"), theo, method="focei", covariance=None)
+    new = res.predict(theo, individual=True)
+    np.testing.assert_allclose(new["PRED"], res.predictions["PRED"], rtol=1e-10)
+    np.testing.assert_allclose(new["IPRED"], res.predictions["IPRED"], rtol=1e-8)
+    # a counterfactual: double the dose doubles the population prediction (linear model)
+    doubled = theo.assign(AMT=theo["AMT"] * 2)
+    np.testing.assert_allclose(res.predict(doubled)["PRED"], 2 * res.predictions["PRED"], rtol=1e-10)
+    back = FitResult.from_dict(res.to_dict())
+    with pytest.raises(ValueError, match="no model"):
+        back.predict(theo)

@@ -64,6 +64,8 @@ class OdeStructure(Structure):
     system: object  # nlmefit.pk.ode.OdeSystem
     label: str
     params_required: tuple[str, ...]
+    rtol: float = 1e-8
+    atol: float = 1e-10
     per_observation = False
 
     @property
@@ -82,7 +84,8 @@ class OdeStructure(Structure):
         from nlmefit.pk.ode import solve
 
         n = events.n_subjects
-        return solve(self.system, {k: v.expand(n, 1)[:, 0] for k, v in params.items()}, events)
+        return solve(self.system, {k: v.expand(n, 1)[:, 0] for k, v in params.items()}, events,
+                     rtol=self.rtol, atol=self.atol)
 
 
 @dataclass(frozen=True)
