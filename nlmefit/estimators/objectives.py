@@ -63,7 +63,7 @@ def fo_m2ll(model: Model, p: Params, data: ModelData) -> torch.Tensor:
     quad = (r * r / V).sum(-1) - (z * z).sum(-1)
     logdet = torch.where(m, torch.log(V), torch.zeros_like(V)).sum(-1) + logdet_omega \
         + 2 * torch.log(torch.diagonal(Lm, dim1=-2, dim2=-1)).sum(-1)
-    return quad + logdet + m.sum(-1) * LOG_2PI
+    return quad + logdet + m.sum(-1).to(V.dtype) * LOG_2PI
 
 
 def conditional_objective(model: Model, p: Params, data: ModelData, method: str, var0: torch.Tensor | None = None):
