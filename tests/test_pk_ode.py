@@ -11,61 +11,12 @@ import torch
 
 from nlmefit.pk import ode_models
 from nlmefit.pk.events import Events
+from pk_events import make_events
 from nlmefit.pk.ode import OdeSystem, solve
 
 DT = torch.float64
 
 # ---------------------------------------------------------------------------------------------------- helpers
-
-
-def make_events(subjects: list[dict]) -> Events:
-    """Padded Events from per-subject ``dict(doses=[dict(time, amt, rate, route, ss, ii, reset, obs_first)],
-    obs=[times], resets=[times])``. Records are ordered by time, doses before observations at equal times unless
-    the dose says ``obs_first``; SS=1 doses, ``reset`` doses (EVID 4) and ``resets`` (EVID 3) start new epochs."""
-    per = []
-    for s in subjects:
-        recs = []
-        for d in s.get("doses", []):
-            recs.append((d["time"], 2 if d.get("obs_first") else 0, "dose", d))
-        for t in s.get("obs", []):
-            recs.append((t, 1, "obs", t))
-        for t in s.get("resets", []):
-            recs.append((t, -1, "reset", t))
-        recs.sort(key=lambda r: (r[0], r[1]))
-        epoch, doses, obs = 0, [], []
-        for seq, (t, _, kind, payload) in enumerate(recs):
-            if kind == "reset":
-                epoch += 1
-            elif kind == "dose":
-                if payload.get("ss", 0) == 1 or payload.get("reset"):
-                    epoch += 1
-                doses.append((payload, seq, epoch))
-            else:
-                obs.append((t, seq, epoch))
-        per.append((doses, obs))
-    n = len(subjects)
-    j = max(1, max(len(o) for _, o in per))
-    d = max(1, max(len(ds) for ds, _ in per))
-    z = dict(dtype=DT)
-    out = dict(obs_time=torch.zeros(n, j, **z), obs_mask=torch.zeros(n, j, dtype=torch.bool),
-               obs_seq=torch.zeros(n, j, dtype=torch.int64), obs_epoch=torch.zeros(n, j, dtype=torch.int64),
-               dose_time=torch.zeros(n, d, **z), dose_amt=torch.zeros(n, d, **z), dose_rate=torch.zeros(n, d, **z),
-               dose_dur=torch.zeros(n, d, **z), dose_ss=torch.zeros(n, d, dtype=torch.int64),
-               dose_ii=torch.zeros(n, d, **z), dose_route=torch.zeros(n, d, dtype=torch.int64),
-               dose_mask=torch.zeros(n, d, dtype=torch.bool), dose_seq=torch.zeros(n, d, dtype=torch.int64),
-               dose_epoch=torch.zeros(n, d, dtype=torch.int64))
-    for i, (doses, obs) in enumerate(per):
-        for k, (t, seq, ep) in enumerate(obs):
-            out["obs_time"][i, k], out["obs_mask"][i, k] = t, True
-            out["obs_seq"][i, k], out["obs_epoch"][i, k] = seq, ep
-        for k, (dd, seq, ep) in enumerate(doses):
-            rate = dd.get("rate", 0.0)
-            out["dose_time"][i, k], out["dose_amt"][i, k], out["dose_rate"][i, k] = dd["time"], dd["amt"], rate
-            out["dose_dur"][i, k] = dd["amt"] / rate if rate > 0 else 0.0
-            out["dose_ss"][i, k], out["dose_ii"][i, k] = dd.get("ss", 0), dd.get("ii", 0.0)
-            out["dose_route"][i, k], out["dose_mask"][i, k] = dd.get("route", 0), True
-            out["dose_seq"][i, k], out["dose_epoch"][i, k] = seq, ep
-    return Events(**out)
 
 
 def linear_matrix(ncmt: int, oral: bool, p: dict) -> tuple[np.ndarray, int, int | None]:
