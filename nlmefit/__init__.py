@@ -10,7 +10,8 @@ import torch as _torch  # noqa: F401  (import order: torch before the modules th
 from nlmefit import datasets
 from nlmefit.api import fit
 from nlmefit.errors import DataError, EstimationError, ModelSpecError
-from nlmefit.estimators import FO, FOCE, FOCEI, Laplace, get_estimator
+from nlmefit.estimators import AGQ, FO, FOCE, FOCEI, SAEM, Laplace, get_estimator
+from nlmefit.likelihood import loglik
 from nlmefit.models import Model, Omega, Param, Params, fix, library
 from nlmefit.panel import Panel
 from nlmefit.results import FitResult
@@ -20,6 +21,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DataError", "EstimationError", "ModelSpecError", "Panel", "Model", "Omega", "Param", "Params", "fix",
-    "library", "fit", "get_estimator", "FO", "FOCE", "FOCEI", "Laplace", "FitResult", "simulate", "datasets",
+    "library", "fit", "loglik", "get_estimator", "FO", "FOCE", "FOCEI", "Laplace", "AGQ", "SAEM", "FitResult", "simulate", "datasets",
     "__version__",
 ]

@@ -6,11 +6,24 @@ from nlmefit.estimators import get_estimator
 __all__ = ["fit"]
 
 
-def fit(model, data, method: str = "focei", init=None, seed: int | None = None, **options):
+def fit(model, data, method: str = "focei", init=None, seed: int | None = None,
+        compute_loglik: str | None = None, loglik_options: dict | None = None, **options):
     """Fit ``model`` to ``data`` (DataFrame in NONMEM event format, or Panel) by ``method``.
 
-    ``method``: ``fo``, ``foce``, ``focei`` (default), ``laplace``; ``options`` go to the estimator
-    (e.g. ``covariance="sandwich"|"r"|"s"|None``, ``maxiter``, ``hessian`` for Laplace, ``device``).
+    ``method``: ``fo``, ``foce``, ``focei`` (default), ``laplace``, ``agq``, ``saem``; ``options`` go to the
+    estimator (e.g. ``covariance="sandwich"|"r"|"s"|None``, ``maxiter``, ``hessian`` for Laplace/AGQ,
+    ``n_nodes`` for AGQ, ``n_explore``/``n_smooth`` for SAEM, ``device``).
     ``init``: a dict of starting values by reporting name (``{"cl": 2.0, "omega_cl": 0.1, "sigma_add": 0.5}``).
+    ``compute_loglik``: also evaluate the marginal −2LL at the estimates by ``"is"`` or ``"agq"`` (options in
+    ``loglik_options``, see :func:`nlmefit.loglik`); the value lands in ``result.likelihoods``. The fit's own
+    ``ofv`` is unchanged (except SAEM's, which is always an IS or AGQ value).
     """
-    return get_estimator(method, **options).fit(model, data, init=init, seed=seed)
+    result = get_estimator(method, **options).fit(model, data, init=init, seed=seed)
+    if compute_loglik is not None:
+        from nlmefit.likelihood import loglik
+
+        opts = dict(loglik_options or {})
+        if seed is not None:
+            opts.setdefault("seed", seed)
+        loglik(result, method=compute_loglik, **opts)
+    return result

@@ -112,27 +112,40 @@ def cmd_fit(args) -> int:
     from tqdm import tqdm
 
     import nlmefit
+    from nlmefit.errors import ModelSpecError
 
     df, label = _read_data(args.data)
     model_name = args.model or DEFAULT_MODELS.get(label)
     if model_name is None:
-        from nlmefit.errors import ModelSpecError
-
         raise ModelSpecError(f"give --model for {args.data} (a library name: {', '.join(nlmefit.library.NAMES)})")
     dvid = args.dvid if args.dvid is not None else ("cp" if label == "warfarin" else None)
     model = _load_model(model_name, args.error, dvid)
     init = _params_arg(args) or None
-    bar = tqdm(desc=f"{args.method} {model.name}", unit=" eval", file=sys.stderr, disable=args.quiet)
+    unit = " iter" if args.method == "saem" else " eval"
+    bar = tqdm(desc=f"{args.method} {model.name}", unit=unit, file=sys.stderr, disable=args.quiet)
 
     def progress(n_eval: int, ofv: float) -> None:
         bar.update(1)
-        bar.set_postfix(ofv=f"{ofv:.4f}")
+        if ofv == ofv:  # SAEM has no OFV while it runs
+            bar.set_postfix(ofv=f"{ofv:.4f}")
 
     options = dict(progress=progress, device=args.device)
     if args.no_cov:
         options["covariance"] = None
+    if args.n_nodes is not None:
+        if args.method != "agq" and args.loglik != "agq":
+            raise ModelSpecError("--n-nodes applies to --method agq or --loglik agq")
+        if args.method == "agq":
+            options["n_nodes"] = args.n_nodes
+    lik_opts = {"n_samples": args.n_samples} if args.loglik == "is" else {}
+    if args.loglik == "agq" and args.n_nodes is not None:
+        lik_opts["n_nodes"] = args.n_nodes
+    if args.method == "saem" and args.n_samples is not None:
+        options["n_samples"] = args.n_samples
+    lik_opts = {k: v for k, v in lik_opts.items() if v is not None}
     try:
-        result = nlmefit.fit(model, df, method=args.method, init=init, seed=args.seed, **options)
+        result = nlmefit.fit(model, df, method=args.method, init=init, seed=args.seed,
+                             compute_loglik=args.loglik, loglik_options=lik_opts, **options)
     finally:
         bar.close()
     out = Path(args.out)
@@ -142,6 +155,9 @@ def cmd_fit(args) -> int:
     _atomic_csv(result.predictions, str(out / "predictions.csv"))
     _atomic_csv(result.individual_estimates, str(out / "individual_estimates.csv"))
     print(result.summary_text())
+    for meth, val in result.likelihoods.items():
+        extra = f" (Monte-Carlo SE {val['se']:.3f}, {val['n_samples']} samples)" if meth == "is" else ""
+        print(f"  -2LL by {meth}: OFV {val['ofv']:.4f}{extra}")
     print(f"\nwrote {out / 'result.json'}, summary.csv, predictions.csv, individual_estimates.csv")
     return 0 if result.converged else 1
 
@@ -171,7 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--model", default=None, help="library name or path/file.py:object")
     f.add_argument("--error", default=None,
                    choices=["additive", "proportional", "combined1", "combined2", "exponential"])
-    f.add_argument("--method", default="focei", choices=["fo", "foce", "focei", "laplace"])
+    f.add_argument("--method", default="focei", choices=["fo", "foce", "focei", "laplace", "agq", "saem"])
+    f.add_argument("--loglik", default=None, choices=["is", "agq"],
+                   help="add a marginal -2LL evaluation at the estimates (importance sampling or quadrature)")
+    f.add_argument("--n-samples", type=int, default=None, help="importance samples per subject (default 2000)")
+    f.add_argument("--n-nodes", type=int, default=None, help="quadrature nodes per dimension of eta (agq)")
     f.add_argument("--dvid", default=None, help="the DVID value holding the model's observations (warfarin: cp)")
     f.add_argument("--params", help="JSON file of initial values {name: value}")
     f.add_argument("--param", action="append", metavar="NAME=VALUE", help="one initial value (repeatable)")

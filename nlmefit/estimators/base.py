@@ -35,7 +35,7 @@ def register(name: str) -> Callable[[type], type]:
 
 def get_estimator(method: str, **options) -> Estimator:
     key = method.lower().replace("-", "").replace("_", "")
-    aliases = {"foceinteraction": "focei", "fo": "fo", "foce": "foce", "focei": "focei", "laplace": "laplace"}
+    aliases = {"foceinteraction": "focei", "fo": "fo", "foce": "foce", "focei": "focei", "laplace": "laplace", "agq": "agq", "saem": "saem"}
     key = aliases.get(key, key)
     if key not in REGISTRY:
         raise ModelSpecError(f"unknown estimation method {method!r}; available: {sorted(REGISTRY)}")

@@ -31,7 +31,8 @@ from nlmefit.models.error import obs_loglik
 from nlmefit.models.model import Model, ModelData
 from nlmefit.models.parameters import Params
 
-__all__ = ["fo_m2ll", "conditional_objective", "conditional_m2ll", "METHODS"]
+__all__ = ["fo_m2ll", "conditional_objective", "conditional_m2ll", "laplace_pieces", "cholesky_logdet", "METHODS",
+           "LOG_2PI"]
 
 LOG_2PI = math.log(2 * math.pi)
 METHODS = ("foce", "focei", "laplace", "laplace_gn")
@@ -79,8 +80,10 @@ def conditional_objective(model: Model, p: Params, data: ModelData, method: str,
     return l
 
 
-def conditional_m2ll(model: Model, p: Params, data: ModelData, eta_hat: torch.Tensor, method: str) -> torch.Tensor:
-    """−2 log L_i per subject [N] for FOCE / FOCE-I / Laplace at the (detached) modes ``eta_hat``."""
+def laplace_pieces(model: Model, p: Params, data: ModelData, eta_hat: torch.Tensor, method: str):
+    """(η̃, l(η̃), H) at the (detached) modes: η̃ carries the implicit derivative dη̂/dθ, l is the individual
+    objective of ``method`` and H its Hessian (exact for ``laplace``, first-order otherwise), all differentiable
+    in ``p``. The Laplace-type objectives and adaptive Gauss–Hermite quadrature are built from these."""
     if method not in METHODS:
         raise ValueError(f"unknown conditional method {method!r}")
     var0 = None
@@ -88,7 +91,6 @@ def conditional_m2ll(model: Model, p: Params, data: ModelData, eta_hat: torch.Te
         zero = torch.zeros_like(eta_hat)
         var0 = model.predict(p, zero, data)[1]
     lfun = conditional_objective(model, p, data, method, var0)
-    q = eta_hat.shape[-1]
     # implicit-function step: value η̂, derivative dη̂/dθ
     e = eta_hat.detach().requires_grad_(True)
     g = grad_sep(lfun(e), e, create_graph=True)
@@ -121,7 +123,18 @@ def conditional_m2ll(model: Model, p: Params, data: ModelData, eta_hat: torch.Te
             c = -torch.where(cens, obs_ll, torch.zeros_like(obs_ll)).sum(-1)
             gc = grad_sep(c, eta, create_graph=True)
             H = H + hessian_sep(gc, eta, create_graph=True)
+    return eta, lval, H
+
+
+def cholesky_logdet(H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L, log det H) per subject; log det = +inf where H is not positive definite."""
     L, info = torch.linalg.cholesky_ex(H)
     logdet = 2 * torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)
-    logdet = torch.where(info == 0, logdet, torch.full_like(logdet, float("inf")))
-    return 2 * lval - q * LOG_2PI + logdet
+    return L, torch.where(info == 0, logdet, torch.full_like(logdet, float("inf")))
+
+
+def conditional_m2ll(model: Model, p: Params, data: ModelData, eta_hat: torch.Tensor, method: str) -> torch.Tensor:
+    """−2 log L_i per subject [N] for FOCE / FOCE-I / Laplace at the (detached) modes ``eta_hat``."""
+    _, lval, H = laplace_pieces(model, p, data, eta_hat, method)
+    _, logdet = cholesky_logdet(H)
+    return 2 * lval - eta_hat.shape[-1] * LOG_2PI + logdet

@@ -312,6 +312,30 @@ class Model:
             out[name] = theta[name] if lin is None else theta[name] * torch.exp(lin)
         return out
 
+    def mu_reference(self, p: Params, data: ModelData) -> torch.Tensor:
+        """μ_i [N, q]: for each IIV component, the per-subject shift that enters the parameter as η does.
+
+        In the default parameter model log p_i = log θ_p + Σ β·x_i + η_p, so the individual log-parameter is
+        ψ_i = μ_i + η_i (Monolix's "mu-referencing"). EM-type estimators sample ψ instead of η, which makes the
+        θ update a regression and speeds them up; any μ is *valid* (η = ψ − μ is just a change of variables),
+        so components without such a structure (IOV, user ``params=`` functions, parameters that may be
+        negative, time-varying covariate terms) get μ = 0."""
+        n = data.n_subjects
+        cols = []
+        for name in self.eta_names:
+            mu = torch.zeros(n, dtype=p.omega.dtype, device=p.omega.device)
+            par = self.parameters.theta.get(name)
+            if self.params_fn is None and par is not None and par.lower >= 0:
+                mu = mu + torch.log(p.theta[name])
+                for t in self.terms:
+                    if t.param == name:
+                        x = t.evaluate(data.cov)
+                        if x.dim() == 2 and x.shape[-1] == 1:
+                            mu = mu + p.theta[t.coef] * x[:, 0]
+            cols.append(mu)
+        cols += [torch.zeros(n, dtype=p.omega.dtype, device=p.omega.device)] * (data.q - self.n_iiv)
+        return torch.stack(cols, -1)
+
     def predict(self, p: Params, eta: torch.Tensor, data: ModelData) -> tuple[torch.Tensor, torch.Tensor]:
         """Prediction f and residual variance on the likelihood scale, both [..., N, J]."""
         ind = self.individual_parameters(p, eta, data)

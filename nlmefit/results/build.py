@@ -41,11 +41,19 @@ def individual_table(model, p, data, eta_hat) -> pd.DataFrame:
     return pd.DataFrame(cols)
 
 
-def build_result(estimator, model, data, p_hat, eta_hat, *, n_iter, converged, messages, elapsed, seed):
+def build_result(estimator, model, data, p_hat, eta_hat, *, n_iter, converged, messages, elapsed, seed,
+                 likelihood=None, extra=None, posterior_draws=None):
+    """``likelihood`` (a :class:`~nlmefit.estimators.importance.LoglikEstimate`), when given, supplies the
+    reported OFV instead of the estimator's own objective (SAEM: its objective is not an OFV)."""
     pset = model.parameters
-    with torch.enable_grad():
-        m2 = estimator.subject_m2ll(model, p_hat, data, eta_hat).detach()
-    m2ll = float(m2.sum())
+    extra = dict(extra or {})
+    if likelihood is not None:
+        m2ll = likelihood.m2ll
+        extra.setdefault("likelihoods", {})[likelihood.method] = likelihood.summary()
+    else:
+        with torch.enable_grad():
+            m2 = estimator.subject_m2ll(model, p_hat, data, eta_hat).detach()
+        m2ll = float(m2.sum())
     ofv = m2ll - data.n_uncensored * LOG_2PI
     estimates = pd.Series(pset.natural_dict(p_hat), dtype=float)
     cov_df, cov_ok, cov_msg, cond, kind = None, False, "not requested", None, estimator.covariance
@@ -63,6 +71,13 @@ def build_result(estimator, model, data, p_hat, eta_hat, *, n_iter, converged, m
             warnings.warn(cov_msg, stacklevel=3)
     preds = prediction_table(model, p_hat, data, eta_hat)
     ind = individual_table(model, p_hat, data, eta_hat)
+    if posterior_draws is not None:
+        names = [c[4:] for c in ind.columns if c.startswith("ETA_")]
+        mean = posterior_draws.mean(0).cpu().numpy()
+        sd = posterior_draws.std(0).cpu().numpy()
+        for k, n in enumerate(names):
+            ind[f"POSTMEAN_{n}"] = mean[:, k]
+            ind[f"POSTSD_{n}"] = sd[:, k]
     om = torch.diagonal(p_hat.omega.detach()).cpu().numpy()
     eta_np = eta_hat[:, : model.n_iiv].cpu().numpy()
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -78,4 +93,5 @@ def build_result(estimator, model, data, p_hat, eta_hat, *, n_iter, converged, m
         covariance=cov_df, covariance_ok=cov_ok, covariance_kind=kind, covariance_message=cov_msg,
         condition_number=cond, individual_estimates=ind, predictions=preds,
         eta_shrinkage=pd.Series(shr, index=model.eta_names), epsilon_shrinkage=eps_shr, model=model,
+        extra=extra, data=data, posterior_draws=posterior_draws,
     )

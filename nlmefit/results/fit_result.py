@@ -96,6 +96,8 @@ class FitResult:
     epsilon_shrinkage: float | None = None
     extra: dict = field(default_factory=dict)
     model: Any = field(default=None, repr=False, compare=False)
+    data: Any = field(default=None, repr=False, compare=False)  # the ModelData fitted (not serialised)
+    posterior_draws: Any = field(default=None, repr=False, compare=False)  # η draws [S, N, q] (SAEM), not serialised
 
     # ------------------------------------------------------------------ views
     @property
@@ -115,6 +117,41 @@ class FitResult:
     @property
     def minimization_successful(self) -> bool:
         return self.converged
+
+    @property
+    def likelihoods(self) -> dict:
+        """Marginal −2LL evaluations attached to this fit, by method (``is``, ``agq`` …): ofv, m2ll, se …"""
+        return dict(self.extra.get("likelihoods", {}))
+
+    @property
+    def traces(self) -> pd.DataFrame | None:
+        """Per-iteration values of every population parameter (iterative estimators such as SAEM)."""
+        t = self.extra.get("traces")
+        return None if t is None else pd.DataFrame(t["data"], columns=t["columns"]).set_index("iteration")
+
+    def plot_traces(self, params: list[str] | None = None, ncols: int = 3):
+        """Convergence traces, one panel per population parameter; the end of the exploration phase is marked.
+        Returns the matplotlib Figure (never shown)."""
+        import matplotlib.pyplot as plt
+
+        tr = self.traces
+        if tr is None:
+            raise ValueError(f"a {self.method} fit has no iteration traces (SAEM records them)")
+        names = list(params or tr.columns)
+        nrows = max(1, math.ceil(len(names) / ncols))
+        fig, axes = plt.subplots(nrows, min(ncols, len(names)), figsize=(3.2 * min(ncols, len(names)), 2.4 * nrows),
+                                 squeeze=False)
+        k1 = self.extra.get("n_explore")
+        for ax, n in zip(axes.ravel(), names):
+            ax.plot(tr.index, tr[n], lw=1)
+            if k1:
+                ax.axvline(k1, color="grey", ls=":", lw=1)
+            ax.set_title(n, fontsize=9)
+            ax.set_xlabel("iteration", fontsize=8)
+        for ax in axes.ravel()[len(names):]:
+            ax.set_visible(False)
+        fig.tight_layout()
+        return fig
 
     @property
     def se(self) -> pd.Series:

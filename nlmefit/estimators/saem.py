@@ -1,0 +1,318 @@
+"""SAEM (Kuhn & Lavielle 2004/2005; Monolix): stochastic-approximation EM with a batched MCMC E-step.
+
+Iteration k, with step size γ_k = 1 for k ≤ ``n_explore`` and γ_k = (k − n_explore)^−α afterwards:
+
+1. **E-step** — a few Metropolis–Hastings transitions of every chain of every subject at once
+   (:mod:`nlmefit.estimators.mcmc`: prior-independence, block and component-wise random walks, optional MALA).
+   The chains live in the individual log-parameter scale ψ_i = μ_i(θ) + η_i (:meth:`Model.mu_reference`),
+   so a change of θ moves the typical value, not the subject.
+2. **Stochastic approximation** of the sufficient statistics, averaged over chains:
+   S₂ ← S₂ + γ(mean_i ψ_iψ_iᵀ − S₂), Ψ̄_i ← Ψ̄_i + γ(ψ_i − Ψ̄_i), and, for single-σ error models without
+   censoring, s_σ ← s_σ + γ(mean_ij r_ij²/v(f_ij) − s_σ).
+3. **M-step** — Ω in closed form, Ω = mean_i E[(ψ_i − μ_i)(ψ_i − μ_i)ᵀ] = S₂ − mean(Ψ̄μᵀ + μΨ̄ᵀ) + mean(μμᵀ)
+   restricted to the Ω structure (diagonal, blocks, FIX; IOV blocks pooled over occasions); σ² = s_σ in closed
+   form where the error model allows it. The other fixed effects (θ, covariate coefficients, and σ of combined
+   or censored models) take a stochastic-approximation Newton step on the complete-data log-likelihood
+   ℓ_k(θ) = Σ_i log p(y_i, ψ_i | θ): θ ← θ + γ_k M_k⁻¹∇ℓ_k; by Fisher's identity its fixed point is the
+   maximum-likelihood estimate. During exploration M is the complete-data information −∇²ℓ_k (a full Newton
+   step: for mu-referenced parameters ℓ is quadratic in θ and the step is the closed-form regression); in the
+   smoothing phase M is Louis' observed information, the stochastic approximation of
+   E[−∇²ℓ] − Σ_i Cov(∇ℓ_i), which is the gain that makes the decreasing steps converge at the 1/√k rate
+   (with the complete-data gain they would crawl at k^(−I_obs/I_comp) when the random effects are well
+   determined). M3-censored records enter ℓ and the E-step through log Φ — the censored
+   value is never treated as observed.
+4. **Simulated annealing** during exploration: a variance (Ω diagonal, σ²) may shrink by at most the factor
+   ``anneal`` per iteration, which keeps the chains exploring before Ω settles.
+
+The SAEM objective is not an OFV: the reported ``ofv`` is an importance-sampling (default) or AGQ −2LL at the
+final estimates, with its Monte-Carlo SE in ``fit.likelihoods``. Standard errors come from the FOCE-I sandwich
+at the SAEM estimates (linearisation; say so when reporting them). Posterior draws of η from the smoothing
+phase are kept (``fit.posterior_draws``; means and SDs in ``fit.individual_estimates``).
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from typing import Callable
+
+import numpy as np
+import torch
+
+from nlmefit.errors import ModelSpecError
+from nlmefit.estimators.base import Estimator, register
+from nlmefit.estimators.foce import FOCEI
+from nlmefit.estimators.mcmc import KERNELS, init_chains, mcmc_sweep
+from nlmefit.models.model import Model, ModelData
+from nlmefit.models.parameters import Omega, Params
+
+__all__ = ["SAEM"]
+
+_CLOSED_SIGMA = ("additive", "proportional", "exponential")
+
+
+def _project_omega(spec: Omega, stat: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+    """The Ω of ``spec``'s structure closest to the statistic: free blocks from ``stat``, FIX blocks kept."""
+    out = torch.zeros_like(current)
+    for b, blk in enumerate(spec.block_list):
+        idx = torch.tensor([spec.names.index(n) for n in blk], device=current.device)
+        src = current if spec._fixed_blocks[b] else stat
+        out[idx.unsqueeze(-1), idx] = src[idx.unsqueeze(-1), idx]
+    return 0.5 * (out + out.T)
+
+
+def _anneal(new: torch.Tensor, old: torch.Tensor, factor: float) -> torch.Tensor:
+    """Let each variance shrink by at most ``factor``; correlations are kept."""
+    d_new = torch.diagonal(new).clamp_min(1e-300)
+    d_ok = torch.maximum(d_new, factor * torch.diagonal(old))
+    r = torch.sqrt(d_ok / d_new)
+    return new * r.unsqueeze(-1) * r.unsqueeze(-2)
+
+
+@register("saem")
+class SAEM(Estimator):
+    """Stochastic-approximation EM (see the module docstring for the algorithm and its options).
+
+    Parameters: ``n_explore`` / ``n_smooth`` iterations with γ = 1 / decreasing; ``step_exponent`` α;
+    ``n_chains`` per subject (default: enough for 200 chains in all; Monolix uses 50, which leaves Ω noisy for 50-subject data such as pheno); ``kernels`` transitions per
+    iteration by kind; ``anneal`` (factor ≤ 1, 1 disables); ``keep_draws`` posterior draws per chain from the
+    smoothing phase; ``compute_loglik`` ``"is"`` or ``"agq"`` for the reported OFV with ``n_samples`` /
+    ``proposal`` / ``n_nodes``; ``covariance`` as for FOCE-I (linearisation at the SAEM estimates) or None.
+    """
+
+    def __init__(
+        self,
+        n_explore: int = 150,
+        n_smooth: int = 150,
+        step_exponent: float = 1.0,
+        n_chains: int | None = None,
+        kernels: dict[str, int] | None = None,
+        anneal: float = 0.95,
+        target_accept: float = 0.3,
+        keep_draws: int = 100,
+        max_step: float = 1.0,
+        compute_loglik: str = "is",
+        n_samples: int = 2000,
+        proposal: str = "t",
+        n_nodes: int = 7,
+        covariance: str | None = "sandwich",
+        device: str | torch.device | None = None,
+        progress: Callable[[int, float], None] | None = None,
+    ) -> None:
+        kernels = dict({"prior": 2, "block": 2, "component": 2, "mala": 0} if kernels is None else kernels)
+        unknown = set(kernels) - set(KERNELS)
+        if unknown:
+            raise ModelSpecError(f"unknown MCMC kernels {sorted(unknown)}; choose from {KERNELS}")
+        if n_explore < 1 or n_smooth < 1:
+            raise ModelSpecError("n_explore and n_smooth must both be at least 1")
+        if not 0.5 < step_exponent <= 1.0:
+            raise ModelSpecError(f"step_exponent must be in (0.5, 1] for the stochastic approximation to "
+                                 f"converge, got {step_exponent}")
+        if not 0 < anneal <= 1:
+            raise ModelSpecError(f"anneal must be in (0, 1], got {anneal}")
+        if compute_loglik not in ("is", "agq"):
+            raise ModelSpecError(f"compute_loglik must be 'is' or 'agq' (the SAEM objective is not an OFV), "
+                                 f"got {compute_loglik!r}")
+        if covariance not in (None, "sandwich", "r", "s"):
+            raise ValueError(f"covariance must be 'sandwich', 'r', 's' or None, got {covariance!r}")
+        self.n_explore = int(n_explore)
+        self.n_smooth = int(n_smooth)
+        self.step_exponent = float(step_exponent)
+        self.n_chains = n_chains
+        self.kernels = kernels
+        self.anneal = float(anneal)
+        self.target_accept = float(target_accept)
+        self.keep_draws = int(keep_draws)
+        self.max_step = float(max_step)
+        self.compute_loglik = compute_loglik
+        self.n_samples = int(n_samples)
+        self.proposal = proposal
+        self.n_nodes = int(n_nodes)
+        self.covariance = covariance
+        self.device = device
+        self._progress = progress
+        self._lin = FOCEI(covariance=covariance)
+
+    # the covariance step and the residual table use the FOCE-I linearisation at the SAEM estimates
+    def modes(self, model, p, data, eta0):
+        return self._lin.modes(model, p, data, eta0)
+
+    def subject_m2ll(self, model, p, data, eta_hat):
+        return self._lin.subject_m2ll(model, p, data, eta_hat)
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, model: Model, data, init: Params | dict | None = None, seed: int | None = None):
+        from nlmefit.likelihood import loglik_at
+        from nlmefit.results.build import build_result
+
+        t0 = time.perf_counter()
+        if seed is None:
+            seed = int(np.random.SeedSequence().entropy % (2 ** 31))
+        mdata = data if isinstance(data, ModelData) else model.prepare(data, device=self.device)
+        if init is not None:
+            p_init = init if isinstance(init, Params) else model.parameters.params_from_dict(init)
+            model = model.with_initial(p_init)
+        pset = model.parameters
+        dev = mdata.y.device
+        gen = torch.Generator(device=dev)
+        gen.manual_seed(seed)
+        n, q, d = mdata.n_subjects, mdata.q, model.n_iiv
+        n_chains = self.n_chains or max(1, math.ceil(200 / n))
+        p = pset.initial(torch.float64, dev)
+        cens = bool((mdata.cens[mdata.mask] != 0).any())
+        sig_free = [k for k, s in pset.sigma.items() if not s.fixed]
+        closed_sigma = model.error.name in _CLOSED_SIGMA and not cens and len(sig_free) == 1
+        th_free = [k for k, s in pset.theta.items() if not s.fixed]
+        n_u = pset.n_free
+        newton_idx = list(range(len(th_free)))
+        if sig_free and not closed_sigma:
+            newton_idx += list(range(n_u - len(sig_free), n_u))
+        newton_idx_t = torch.tensor(newton_idx, dtype=torch.long, device=dev)
+
+        state = init_chains(n_chains, torch.zeros(n, q, dtype=torch.float64, device=dev))
+        S2 = torch.zeros(q, q, dtype=torch.float64, device=dev)
+        Psi = torch.zeros(n, q, dtype=torch.float64, device=dev)
+        s_sig = torch.zeros((), dtype=torch.float64, device=dev)
+        A = None
+        n_obs = max(1, mdata.n_uncensored)
+        draws: list[torch.Tensor] = []
+        n_iter = self.n_explore + self.n_smooth
+        keep_every = max(1, self.n_smooth // max(1, self.keep_draws))
+        trace_rows: list[list[float]] = []
+        names = list(pset.natural_dict(p))
+
+        def complete_loglik(v: torch.Tensor, psi: torch.Tensor, p_base: Params) -> torch.Tensor:
+            """log p(y_i, ψ_ci | θ(v)) per chain and subject, [C, N]."""
+            u = pset.to_unconstrained(p_base).detach().clone()
+            u = u.index_put((newton_idx_t,), v)
+            pv = pset.from_unconstrained(u)
+            eta = psi - model.mu_reference(pv, mdata)
+            return model.log_lik(pv, eta, mdata) + model.log_prior(pv, eta, mdata.n_occ)
+
+        P = len(newton_idx)
+        G_i = torch.zeros(n, P, dtype=torch.float64, device=dev)  # SA of E[∇ℓ_i]
+        S_gg = torch.zeros(P, P, dtype=torch.float64, device=dev)  # SA of Σ_i E[∇ℓ_i ∇ℓ_iᵀ]
+        for k in range(1, n_iter + 1):
+            explore = k <= self.n_explore
+            gamma = 1.0 if explore else (k - self.n_explore) ** (-self.step_exponent)
+            # E-step
+            state = mcmc_sweep(model, p, mdata, state, self.kernels, gen, adapt=explore, target=self.target_accept)
+            with torch.no_grad():
+                mu_old = model.mu_reference(p, mdata)
+            psi = state.eta + mu_old  # [C, N, q]
+            # M-step for θ (and σ of combined / censored models): one stochastic-approximation Newton step
+            if P:
+                v0 = pset.to_unconstrained(p).detach()[newton_idx_t]
+                vv = v0.clone().requires_grad_(True)
+                with torch.enable_grad():
+                    lmat = complete_loglik(vv, psi, p)  # [C, N]
+                    (g,) = torch.autograd.grad(lmat.sum() / n_chains, vv, create_graph=True)
+                    Hm = torch.stack([torch.autograd.grad(g[j], vv, retain_graph=True)[0] for j in range(P)])
+                    dummy = torch.zeros_like(lmat, requires_grad=True)
+                    (vjp,) = torch.autograd.grad(lmat, vv, dummy, create_graph=True)
+                    g_ci = torch.stack([torch.autograd.grad(vjp[j], dummy, retain_graph=True)[0]
+                                        for j in range(P)], -1).detach()  # [C, N, P]
+                B = -0.5 * (Hm + Hm.T).detach()
+                g = g.detach()
+                if torch.isfinite(B).all() and torch.isfinite(g).all() and torch.isfinite(g_ci).all():
+                    A = B if (A is None or explore) else A + gamma * (B - A)
+                    G_i = G_i + gamma * (g_ci.mean(0) - G_i)
+                    S_gg = S_gg + gamma * (torch.einsum("cnp,cnr->pr", g_ci, g_ci) / n_chains - S_gg)
+                    gain = A
+                    if not explore:
+                        # Louis: observed information = complete − missing; the right gain for the
+                        # Robbins–Monro step (the complete-data one would converge at rate k^(−I_obs/I_comp))
+                        louis = A - (S_gg - G_i.T @ G_i)
+                        louis = 0.5 * (louis + louis.T)
+                        wl = torch.linalg.eigvalsh(louis)
+                        if bool(wl.min() > 1e-3 * wl.max()):
+                            gain = louis
+                    w, V = torch.linalg.eigh(gain)
+                    w = torch.maximum(w.abs(), 1e-8 * w.abs().max().clamp_min(1e-12))
+                    step = gamma * (V @ ((V.T @ g) / w))
+                    big = step.abs().max()
+                    if big > self.max_step:
+                        step = step * (self.max_step / big)
+                    u = pset.to_unconstrained(p).detach().clone()
+                    u[newton_idx_t] = v0 + step
+                    p = pset.from_unconstrained(u)
+            with torch.no_grad():
+                p = p.detach()
+                mu = model.mu_reference(p, mdata)
+                state.eta = psi - mu  # re-centre the chains on the new typical values
+                # stochastic approximation of the statistics
+                S2 = S2 + gamma * (torch.einsum("cnq,cnr->qr", psi, psi) / (n_chains * n) - S2)
+                Psi = Psi + gamma * (psi.mean(0) - Psi)
+                om_full = S2 - (Psi.T @ mu + mu.T @ Psi) / n + (mu.T @ mu) / n
+                om_full = 0.5 * (om_full + om_full.T)
+                new_omega = _project_omega(pset.omega, om_full[:d, :d], p.omega)
+                if explore and self.anneal < 1:
+                    new_omega = _anneal(new_omega, p.omega, self.anneal)
+                new_iov = p.omega_iov
+                if model.n_iov and mdata.n_occ:
+                    r = model.n_iov
+                    blocks = [om_full[d + j * r:d + (j + 1) * r, d + j * r:d + (j + 1) * r]
+                              for j in range(mdata.n_occ)]
+                    new_iov = _project_omega(pset.omega_iov, torch.stack(blocks).mean(0), p.omega_iov)
+                    if explore and self.anneal < 1:
+                        new_iov = _anneal(new_iov, p.omega_iov, self.anneal)
+                sigma = dict(p.sigma)
+                if closed_sigma:
+                    sname = sig_free[0]
+                    unit = {sname: torch.ones((), dtype=torch.float64, device=dev)}
+                    f, _ = model.predict(p, state.eta, mdata)
+                    v = model.error.variance(f, unit)
+                    m = mdata.mask
+                    r2 = torch.where(m, (mdata.y - f) ** 2 / torch.where(m, v, torch.ones_like(v)),
+                                     torch.zeros_like(f))
+                    s_sig = s_sig + gamma * (r2.sum() / (n_chains * n_obs) - s_sig)
+                    s2 = s_sig
+                    if explore and self.anneal < 1:
+                        s2 = torch.maximum(s2, self.anneal * p.sigma[sname] ** 2)
+                    sigma[sname] = torch.sqrt(s2)
+                p = Params(dict(p.theta), new_omega, sigma, new_iov)
+                if not explore and (k - self.n_explore) % keep_every == 0:
+                    draws.append(state.eta.clone())
+                nat = pset.natural_dict(p)
+                trace_rows.append([k] + [nat[c] for c in names])
+            if self._progress is not None:
+                self._progress(k, float("nan"))
+
+        # final estimates, modes, OFV by IS/AGQ, result
+        p_hat = p
+        post = torch.cat(draws[-self.keep_draws:], 0) if draws else state.eta.clone()
+        eta_hat = self.modes(model, p_hat, mdata, post.mean(0))
+        converged, conv_msg = self._stability(np.asarray(trace_rows)[:, 1:], names, pset)
+        if not converged:
+            warnings.warn(f"saem: {conv_msg}", stacklevel=2)
+        lik = loglik_at(model, p_hat, mdata, method=self.compute_loglik, n_samples=self.n_samples,
+                        proposal=self.proposal, draws=post if self.proposal == "posterior" else None,
+                        n_nodes=self.n_nodes, seed=seed, eta0=eta_hat)
+        extra = {
+            "traces": {"columns": ["iteration"] + names, "data": trace_rows},
+            "n_explore": self.n_explore,
+            "n_chains": n_chains,
+            "acceptance": state.acceptance(),
+        }
+        res = build_result(self, model, mdata, p_hat, eta_hat, n_iter=n_iter, converged=converged,
+                           messages=[conv_msg], elapsed=time.perf_counter() - t0, seed=seed, likelihood=lik,
+                           extra=extra, posterior_draws=post)
+        if res.covariance_message and self.covariance:
+            res.covariance_message = f"FOCE-I linearisation at the SAEM estimates: {res.covariance_message}"
+        res.elapsed_s = time.perf_counter() - t0
+        return res
+
+    def _stability(self, tr: np.ndarray, names: list[str], pset) -> tuple[bool, str]:
+        """Did the free parameters settle? Compare the last value with the value 20 % of the smoothing
+        phase earlier: change below 2 % of the value + 0.002."""
+        free = set(pset.natural_names)
+        lag = max(1, self.n_smooth // 5)
+        if tr.shape[0] <= lag:
+            return True, "saem: too few iterations to judge stability"
+        last, before = tr[-1], tr[-1 - lag]
+        moved = [nm for j, nm in enumerate(names)
+                 if nm in free and abs(last[j] - before[j]) > 0.02 * abs(last[j]) + 0.002]
+        if moved:
+            return False, (f"parameters still moving at the end of the smoothing phase: {moved}; increase "
+                           f"n_explore / n_smooth")
+        return True, f"saem: {len(tr)} iterations; parameters stable over the last {lag}"
