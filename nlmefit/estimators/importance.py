@@ -171,8 +171,9 @@ def importance_loglik(model: Model, p: Params, data: ModelData, proposal: Propos
     dev = data.y.device
     gen = torch.Generator(device=dev)
     gen.manual_seed(int(seed) if seed is not None else int(torch.seed() % 2 ** 63))
-    if chunk is None:  # keep one chunk's predictions near 4M numbers
-        chunk = max(1, min(n_samples, 4_000_000 // max(1, data.y.numel())))
+    if chunk is None:  # keep one chunk's dose-by-observation superposition near 4M numbers
+        per_draw = data.y.numel() * max(1, int(data.events.dose_time.shape[-1]))
+        chunk = max(1, min(n_samples, 4_000_000 // per_draw))
     n = data.n_subjects
     lse_w = torch.full((n,), -math.inf, dtype=data.y.dtype, device=dev)
     lse_w2 = lse_w.clone()

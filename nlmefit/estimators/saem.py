@@ -74,9 +74,10 @@ class SAEM(Estimator):
     """Stochastic-approximation EM (see the module docstring for the algorithm and its options).
 
     Parameters: ``n_explore`` / ``n_smooth`` iterations with γ = 1 / decreasing; ``step_exponent`` α;
-    ``n_chains`` per subject (default: enough for 200 chains in all; Monolix uses 50, which leaves Ω noisy for 50-subject data such as pheno); ``kernels`` transitions per
+    ``n_chains`` per subject (default: enough for 200 chains in all — Monolix's 50 leaves Ω visibly noisy on
+    the 59 subjects of pheno); ``kernels`` transitions per
     iteration by kind; ``anneal`` (factor ≤ 1, 1 disables); ``keep_draws`` posterior draws per chain from the
-    smoothing phase; ``compute_loglik`` ``"is"`` or ``"agq"`` for the reported OFV with ``n_samples`` /
+    smoothing phase; ``ofv_method`` ``"is"`` or ``"agq"`` for the reported OFV with ``n_samples`` /
     ``proposal`` / ``n_nodes``; ``covariance`` as for FOCE-I (linearisation at the SAEM estimates) or None.
     """
 
@@ -91,7 +92,7 @@ class SAEM(Estimator):
         target_accept: float = 0.3,
         keep_draws: int = 100,
         max_step: float = 1.0,
-        compute_loglik: str = "is",
+        ofv_method: str = "is",
         n_samples: int = 2000,
         proposal: str = "t",
         n_nodes: int = 7,
@@ -110,9 +111,9 @@ class SAEM(Estimator):
                                  f"converge, got {step_exponent}")
         if not 0 < anneal <= 1:
             raise ModelSpecError(f"anneal must be in (0, 1], got {anneal}")
-        if compute_loglik not in ("is", "agq"):
-            raise ModelSpecError(f"compute_loglik must be 'is' or 'agq' (the SAEM objective is not an OFV), "
-                                 f"got {compute_loglik!r}")
+        if ofv_method not in ("is", "agq"):
+            raise ModelSpecError(f"ofv_method must be 'is' or 'agq' (the SAEM objective is not an OFV), "
+                                 f"got {ofv_method!r}")
         if covariance not in (None, "sandwich", "r", "s"):
             raise ValueError(f"covariance must be 'sandwich', 'r', 's' or None, got {covariance!r}")
         self.n_explore = int(n_explore)
@@ -124,7 +125,7 @@ class SAEM(Estimator):
         self.target_accept = float(target_accept)
         self.keep_draws = int(keep_draws)
         self.max_step = float(max_step)
-        self.compute_loglik = compute_loglik
+        self.ofv_method = ofv_method
         self.n_samples = int(n_samples)
         self.proposal = proposal
         self.n_nodes = int(n_nodes)
@@ -285,7 +286,7 @@ class SAEM(Estimator):
         converged, conv_msg = self._stability(np.asarray(trace_rows)[:, 1:], names, pset)
         if not converged:
             warnings.warn(f"saem: {conv_msg}", stacklevel=2)
-        lik = loglik_at(model, p_hat, mdata, method=self.compute_loglik, n_samples=self.n_samples,
+        lik = loglik_at(model, p_hat, mdata, method=self.ofv_method, n_samples=self.n_samples,
                         proposal=self.proposal, draws=post if self.proposal == "posterior" else None,
                         n_nodes=self.n_nodes, seed=seed, eta0=eta_hat)
         extra = {
