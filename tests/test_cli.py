@@ -70,6 +70,32 @@ def test_fit_theophylline_writes_result_and_round_trips(tmp_path):
     assert (tmp_path / "summary.csv").exists() and (tmp_path / "predictions.csv").exists()
 
 
+def test_fit_agq_with_an_is_evaluation(tmp_path, capsys):
+    rc = main(["fit", "theophylline", "--method", "agq", "--n-nodes", "2", "--no-cov", "--loglik", "is",
+               "--n-samples", "500", "--seed", "3", "--out", str(tmp_path), "--quiet"])
+    assert rc == 0
+    d = json.loads((tmp_path / "result.json").read_text())
+    assert d["method"] == "agq" and d["options"]["n_nodes"] == 2
+    lik = d["extra"]["likelihoods"]["is"]
+    assert lik["n_samples"] == 500 and lik["se"] > 0 and abs(lik["ofv"] - 118.12) < 0.5
+    assert "-2LL by is" in capsys.readouterr().out
+
+
+def test_fit_saem_reports_the_is_ofv(tmp_path):
+    rc = main(["fit", "theophylline", "--method", "saem", "--no-cov", "--seed", "1", "--n-samples", "300",
+               "--out", str(tmp_path), "--quiet"])
+    assert rc == 0
+    d = json.loads((tmp_path / "result.json").read_text())
+    assert d["method"] == "saem" and d["seed"] == 1
+    assert d["ofv"] == d["extra"]["likelihoods"]["is"]["ofv"] and abs(d["ofv"] - 118.1) < 1.0
+    assert len(d["extra"]["traces"]["data"]) == 300
+
+
+def test_n_nodes_without_agq_is_refused(tmp_path, capsys):
+    assert main(["fit", "theophylline", "--n-nodes", "3", "--out", str(tmp_path), "--quiet"]) == 2
+    assert "--n-nodes" in capsys.readouterr().err
+
+
 def test_console_script_installed():
     out = subprocess.run([sys.executable, "-m", "nlmefit.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "validate" in out.stdout
