@@ -15,12 +15,12 @@ from nlmefit.likelihood import loglik
 from nlmefit.models import Model, Omega, Param, Params, fix, library
 from nlmefit.panel import Panel
 from nlmefit.results import FitResult
-from nlmefit.simulation import simulate
+from nlmefit.simulation import Regimen, simulate, simulate_regimens
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DataError", "EstimationError", "ModelSpecError", "Panel", "Model", "Omega", "Param", "Params", "fix",
-    "library", "fit", "loglik", "get_estimator", "FO", "FOCE", "FOCEI", "Laplace", "AGQ", "SAEM", "FitResult", "simulate", "datasets",
+    "library", "fit", "loglik", "get_estimator", "FO", "FOCE", "FOCEI", "Laplace", "AGQ", "SAEM", "FitResult", "simulate", "simulate_regimens", "Regimen", "datasets",
     "__version__",
 ]

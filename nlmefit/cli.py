@@ -80,6 +80,28 @@ def _params_arg(args) -> dict:
     return values
 
 
+def _load_fit(result_dir: str):
+    """The FitResult in RESULT_DIR/result.json with its model and data attached again (from the provenance
+    ``nlmefit fit`` recorded), ready for diagnostics and simulation."""
+    from nlmefit.errors import ModelSpecError
+    from nlmefit.results import FitResult
+
+    path = Path(result_dir) / "result.json" if Path(result_dir).is_dir() else Path(result_dir)
+    if not path.exists():
+        raise ModelSpecError(f"{result_dir}: no result.json (write one with `nlmefit fit ... --out DIR`)")
+    with open(path) as fh:
+        raw = json.load(fh)
+    prov = (raw.get("extra") or {}).get("cli")
+    if not prov:
+        raise ModelSpecError(f"{path} was not written by `nlmefit fit` (no record of its data and model); load it "
+                             f"in Python with FitResult.from_json(path, model=...) instead")
+    df, _ = _read_data(prov["data"])
+    model = _load_model(prov["model"], prov.get("error"), prov.get("dvid"))
+    res = FitResult.from_dict(raw, model=model)
+    res.data = model.prepare(df, check_likelihood=False)
+    return res
+
+
 def cmd_validate(args) -> int:
     from nlmefit.panel import Panel
 
@@ -150,6 +172,8 @@ def cmd_fit(args) -> int:
         bar.close()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    data_spec = str(Path(args.data).resolve()) if os.path.exists(args.data) else args.data
+    result.extra["cli"] = {"data": data_spec, "model": model_name, "error": args.error, "dvid": dvid}
     result.to_json(out / "result.json")
     _atomic_csv(result.summary().rename_axis("parameter").reset_index(), str(out / "summary.csv"))
     _atomic_csv(result.predictions, str(out / "predictions.csv"))
