@@ -180,7 +180,7 @@ def _theta_uncertainty(fit, p: Params, s: int, gen: torch.Generator) -> Params:
     names = [n for n in cov.index if n in pset.theta]
     if not names:
         return p
-    C = torch.as_tensor(cov.loc[names, names].to_numpy(), dtype=torch.float64)
+    C = torch.as_tensor(np.array(cov.loc[names, names].to_numpy(float)), dtype=torch.float64)
     mean = torch.stack([p.theta[n].cpu() for n in names])
     L = torch.linalg.cholesky(C + 1e-300 * torch.eye(len(names), dtype=torch.float64))
     lo = torch.tensor([pset.theta[n].lower for n in names], dtype=torch.float64)
@@ -263,6 +263,7 @@ def simulate_regimens(
     model: Model | None = None,
     params=None,
     device=None,
+    fast: bool = True,
 ) -> RegimenSimulation:
     """Simulate ``regimens`` (Regimen objects or strings) for virtual (``population=N``) or observed
     (``subjects="observed"`` or a list of IDs) subjects of ``fit`` (a FitResult; or pass ``fit=None, model=,
@@ -272,6 +273,8 @@ def simulate_regimens(
     ``steady_state=True`` the maintenance phase starts at steady state (NONMEM SS=1). ``threshold`` adds time
     above it (and %fT>threshold, with free fraction ``fu``); ``auc="quadrature"`` integrates exactly between
     dose events (Gauss–Legendre), ``"trapezoid"`` uses the time grid. Residual error is off unless ``residual``.
+    ``fast``: sum regular bolus/oral dose trains in closed form (:mod:`nlmefit.pk.trains`) when the model is a
+    linear closed form; ``False`` forces the general dose-by-dose path (same numbers to ~1e−12).
     """
     from nlmefit.simulation.exposure import exposure_table
 
@@ -373,9 +376,10 @@ def simulate_regimens(
         t0, t1 = _interval(reg, interval, float(grid[-1]))
         data1 = _template(model, panel, recs, grid, cov_names, dev)
         scale = _dose_scale(reg, cov_frame, weight_col, dev)
-        prof = _predict_chunks(model, p, data1, eta, cov_t, scale, residual, gen, chunk)
+        trains = _trains(reg, model, steady_state, iv_cmt) if fast else None
+        prof = concentrations(model, p, eta, cov_t, scale, recs, grid, trains, chunk, residual, gen)
         profiles.append(prof)
-        ex = exposure_table(model, p, data1, eta, cov_t, scale, grid, prof, (t0, t1), recs, threshold=threshold,
+        ex = exposure_table(model, p, data1, eta, cov_t, scale, (t0, t1), recs, trains, threshold=threshold,
                             fu=fu, auc=auc, chunk=chunk)
         ex.insert(0, "REGIMEN", lab)
         ex.insert(1, "ID", ids)
@@ -384,8 +388,8 @@ def simulate_regimens(
         intervals.append((t0, t1))
     with torch.no_grad():
         ind = model.individual_parameters(p, eta, _copies(data1, cov_t, None, eta.shape[0], _broadcasts(model)))
-    params_frame = pd.DataFrame({k: v.expand(eta.shape[0], v.shape[-1] if v.dim() else 1)[:, 0].cpu().numpy()
-                                 for k, v in ind.items()})
+    params_frame = pd.DataFrame({k: (v.reshape(-1, v.shape[-1])[:, 0] if v.dim() else v).expand(eta.shape[0])
+                                 .cpu().numpy() for k, v in ind.items()})
     return RegimenSimulation(regs, labels, grid, np.stack(profiles), ids, draw_no, cov_frame, params_frame,
                              pd.concat(exposures, ignore_index=True), mode, residual, intervals)
 
@@ -469,17 +473,62 @@ def _dose_scale(reg, cov_frame: pd.DataFrame, weight_col: str, dev) -> torch.Ten
     return torch.as_tensor(np.array(cov_frame[weight_col].to_numpy(float)), dtype=torch.float64, device=dev)
 
 
-def _predict_chunks(model, p, data1, eta, cov_t, scale, residual, gen, chunk) -> np.ndarray:
+def _trains(reg, model: Model, steady_state: bool, iv_cmt: int | None):
+    """The regimen as closed-form dose trains (:mod:`nlmefit.pk.trains`) when that fast path applies: a linear
+    closed-form model, bolus/oral phases only, no steady state, default compartments; else None."""
+    from nlmefit.models.structure import ClosedForm
+    from nlmefit.pk.trains import DoseTrain
+
+    st = model.structure
+    if not isinstance(st, ClosedForm) or steady_state or iv_cmt is not None:
+        return None
+    out = []
+    for ph in reg.phases:
+        if ph.route == "infusion":
+            return None
+        amt, _ = reg._amount_rate(ph, None)
+        out.append(DoseTrain(float(ph.start + ph.lag), float(ph.interval or 1.0), int(ph.n_doses), float(amt),
+                             depot=ph.route == "oral" and st.oral))
+    return out
+
+
+def concentrations(model, p, eta, cov_t, scale, recs, times: np.ndarray, trains, chunk: int,
+                   residual: bool = False, gen=None) -> np.ndarray:
+    """DV-scale predictions [S, T] at ``times`` (in the given order) for the S simulated subjects, in chunks;
+    by dose trains when ``trains`` is given, else through the model on a one-subject template."""
+    from nlmefit.pk.trains import train_concentration
+
     s = eta.shape[0]
-    out = np.empty((s, data1.y.shape[1]))
+    dev = eta.device
+    cov_names = list(cov_t)
+    if trains is None:
+        tmpl = _template(model, None, recs, times, cov_names, dev)
+        back = np.empty(len(times), dtype=int)  # the template holds its observation rows in time order
+        back[np.argsort(times, kind="stable")] = np.arange(len(times))
+    else:
+        one = _template(model, None, recs, times[:1], cov_names, dev)  # covariates/params plumbing only
+        t_t = torch.as_tensor(np.asarray(times, dtype=float), dtype=torch.float64, device=dev)
+    out = np.empty((s, len(times)))
+    bc = _broadcasts(model)
     with torch.no_grad():
         for a in range(0, s, chunk):  # chunks of copies bound memory; each chunk is one batched call
             sl = slice(a, min(s, a + chunk))
-            d = _copies(data1, {k: v[sl] for k, v in cov_t.items()}, None if scale is None else scale[sl],
-                        sl.stop - sl.start, _broadcasts(model))
+            cv = {k: v[sl] for k, v in cov_t.items()}
+            sc = None if scale is None else scale[sl]
             pc = _slice_params(p, sl)
-            y = model.sample_y(pc, eta[sl], d, generator=gen, residual=residual)
-            out[sl] = y.cpu().numpy()
+            if trains is None:
+                d = _copies(tmpl, cv, sc, sl.stop - sl.start, bc)
+                f, var = model.predict(pc, eta[sl], d)
+                f, var = f[:, back], var[:, back]
+            else:
+                d = _copies(one, cv, None, sl.stop - sl.start, bc)
+                ind = model.individual_parameters(pc, eta[sl], d)
+                conc = train_concentration(ind, trains, t_t, model.structure.ncmt, sc)
+                f = model.error.transform(conc.clamp_min(1e-300)) if model.error.log_scale else conc
+                var = model.error.variance(f, pc.sigma).expand_as(f)
+            if residual:
+                f = f + torch.sqrt(var) * torch.randn(f.shape, generator=gen, dtype=f.dtype, device=f.device)
+            out[sl] = model.error.untransform(f).cpu().numpy()
     return out
 
 

@@ -65,10 +65,10 @@ def _eval_times(data1, t0: float, t1: float, auc: str):
     return fine, (nodes.ravel(), weights.ravel())
 
 
-def exposure_table(model, p, data1, eta, cov_t, scale, grid, prof, interval, recs, *, threshold=None, fu=1.0,
+def exposure_table(model, p, data1, eta, cov_t, scale, interval, recs, trains=None, *, threshold=None, fu=1.0,
                    auc="quadrature", chunk=20000) -> pd.DataFrame:
-    """Exposure metrics for S copies of the one-subject template ``data1`` (see the module docstring)."""
-    from nlmefit.simulation.counterfactual import _broadcasts, _copies, _slice_params, _template
+    """Exposure metrics for the S simulated subjects of the one-subject template ``data1`` (module docstring)."""
+    from nlmefit.simulation.counterfactual import concentrations
 
     if auc not in ("quadrature", "trapezoid"):
         raise ModelSpecError(f"auc must be 'quadrature' or 'trapezoid', got {auc!r}")
@@ -77,22 +77,9 @@ def exposure_table(model, p, data1, eta, cov_t, scale, grid, prof, interval, rec
     t0, t1 = interval
     fine, quad = _eval_times(data1, t0, t1, auc)
     times = fine if quad is None else np.concatenate([fine, quad[0]])
-    cov_names = list(data1.cov)
-    tmpl = _template(model, None, recs, times, cov_names, data1.y.device)
     n_f = len(fine)
     s = eta.shape[0]
-    conc = np.empty((s, len(times)))
-    with torch.no_grad():
-        for a in range(0, s, chunk):  # chunks bound memory; each is one batched prediction
-            sl = slice(a, min(s, a + chunk))
-            d = _copies(tmpl, {k: v[sl] for k, v in cov_t.items()}, None if scale is None else scale[sl],
-                        sl.stop - sl.start, _broadcasts(model))
-            f, _ = model.predict(_slice_params(p, sl), eta[sl], d)
-            conc[sl] = model.error.untransform(f).cpu().numpy()
-    # the template holds its observation rows in time order; put them back in the order of ``times``
-    back = np.empty(len(times), dtype=int)
-    back[np.argsort(times, kind="stable")] = np.arange(len(times))
-    conc = conc[:, back]
+    conc = concentrations(model, p, eta, cov_t, scale, recs, times, trains, chunk)
     c_fine = conc[:, :n_f]
     if quad is None:
         auc_v = np.trapezoid(c_fine, fine, axis=1)
@@ -134,8 +121,11 @@ def _auc_inf(model, p, data1, eta, cov_t, scale) -> np.ndarray:
         ind = model.individual_parameters(_slice_params(p, slice(0, s)), eta, d)
     if "cl" not in ind:
         return np.full(s, np.nan)
-    cl = ind["cl"][..., 0]
-    f = ind["f"][..., 0] if "f" in ind else torch.ones_like(cl)
+    def col(v: torch.Tensor) -> torch.Tensor:  # scalar, [S] or [S, 1] → [S]
+        return v.reshape(-1, v.shape[-1])[:, 0].expand(s) if v.dim() else v.expand(s)
+
+    cl = col(ind["cl"])
+    f = col(ind["f"]) if "f" in ind else torch.ones_like(cl)
     ev = d.events
     ss_any = bool((ev.dose_ss[ev.dose_mask] != 0).any())
     if ss_any:  # a steady-state history has no finite total dose
