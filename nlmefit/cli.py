@@ -1,4 +1,4 @@
-"""The ``nlmefit`` command: ``validate``, ``simulate``, ``fit``.
+"""The ``nlmefit`` command: ``validate``, ``fit``, ``diagnose``, ``simulate``.
 
 Exit codes: 0 success, 2 bad data or model specification (one clear line on stderr), 1 an estimation failure.
 A model is a library name (``1cmt_oral``) or ``path/file.py:object`` (an object that is a Model, or a function
@@ -112,6 +112,14 @@ def cmd_validate(args) -> int:
 
 
 def cmd_simulate(args) -> int:
+    from nlmefit.errors import ModelSpecError
+
+    if args.fit is not None:
+        return _simulate_regimens(args)
+    if args.regimen:
+        raise ModelSpecError("--regimen needs --fit RESULT_DIR (the fitted model to simulate from)")
+    if args.data is None or args.model is None:
+        raise ModelSpecError("give DATA and --model (replicates of a dataset), or --fit RESULT_DIR --regimen ...")
     from nlmefit.simulation import simulate
 
     df, _ = _read_data(args.data)
@@ -119,6 +127,125 @@ def cmd_simulate(args) -> int:
     out = simulate(model, _params_arg(args), df, n=args.n, seed=args.seed, residual=not args.no_residual)
     _atomic_csv(out, args.out)
     print(f"wrote {len(out)} rows ({args.n} replicate(s)) to {args.out}")
+    return 0
+
+
+def cmd_diagnose(args) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from nlmefit import diagnostics as dg
+
+    fit = _load_fit(args.result)
+    out = Path(args.out) if args.out else Path(args.result) / "diagnostics"
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[str] = []
+
+    def save(fig, name: str) -> None:
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        written.append(name)
+
+    save(dg.plot_gof(fit), "gof.png")
+    for k, fig in enumerate(dg.plot_individuals(fit, per_page=args.per_page), start=1):
+        save(fig, f"individuals_{k:02d}.png")
+    save(dg.plot_eta_distributions(fit), "eta.png")
+    if len(fit.data.panel.covariate_names):
+        save(dg.plot_eta_covariates(fit), "eta_covariates.png")
+    res_npde = dg.npde(fit, n_rep=args.n_rep, seed=args.seed)
+    save(dg.plot_npde(res_npde), "npde.png")
+    tests = res_npde.tests()
+    _atomic_csv(res_npde.table, str(out / "npde.csv"))
+    _atomic_csv(tests.reset_index(), str(out / "npde_tests.csv"))
+    written += ["npde.csv", "npde_tests.csv"]
+    for pc in (False, True):
+        v = dg.vpc(fit, n_rep=args.n_rep, seed=args.seed, pred_corrected=pc)
+        name = "pcvpc" if pc else "vpc"
+        save(dg.plot_vpc(v), f"{name}.png")
+        _atomic_csv(v.percentiles, str(out / f"{name}.csv"))
+        written.append(f"{name}.csv")
+        if v.blq is not None:
+            _atomic_csv(v.blq, str(out / f"{name}_blq.csv"))
+            written.append(f"{name}_blq.csv")
+        print(f"{name.upper()}: observed percentiles inside the simulated {100 * v.ci:g}% intervals in "
+              f"{100 * v.coverage():.0f}% of bins")
+    print("NPDE tests:")
+    print(tests.to_string(float_format=lambda x: f"{x:.4g}"))
+    print(f"\nwrote {len(written)} files to {out}: {', '.join(written)}")
+    return 0
+
+
+def _parse_target(text: str) -> tuple[str, float | None, tuple[float, float] | None]:
+    """``AUC>=400`` or ``CTROUGH in 10:20`` → (metric, threshold, window)."""
+    from nlmefit.errors import ModelSpecError
+
+    t = text.replace(" ", "")
+    if ">=" in t:
+        m, v = t.split(">=", 1)
+        try:
+            return m, float(v), None
+        except ValueError:
+            pass
+    elif "in" in t.lower():
+        m, w = t.lower().split("in", 1)
+        try:
+            lo, hi = (float(x) for x in w.split(":"))
+            return m.upper(), None, (lo, hi)
+        except ValueError:
+            pass
+    raise ModelSpecError(f"--target {text!r}: expected METRIC>=VALUE (e.g. AUC>=400) or METRIC in LOW:HIGH "
+                         f"(e.g. CTROUGH in 10:20)")
+
+
+def _simulate_regimens(args) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import nlmefit
+    from nlmefit.errors import ModelSpecError
+    from nlmefit.simulation import plot_pta
+
+    if not args.regimen:
+        raise ModelSpecError("give at least one --regimen \"...\" (e.g. \"500 mg po q12h x14\")")
+    if (args.population is None) == (args.subjects is None):
+        raise ModelSpecError("give --population N (virtual subjects) or --subjects observed|ID,ID,...")
+    fit = _load_fit(args.fit)
+    subjects = None
+    if args.subjects is not None:
+        if args.subjects == "observed":
+            subjects = "observed"
+        else:
+            ids = fit.data.panel.ids
+            conv = type(ids[0].item() if hasattr(ids[0], "item") else ids[0])
+            try:
+                subjects = [conv(x) for x in args.subjects.split(",")]
+            except ValueError:
+                raise ModelSpecError(f"--subjects {args.subjects!r}: expected 'observed' or IDs like 1,2,3") from None
+    sim = nlmefit.simulate_regimens(fit, args.regimen, population=args.population, subjects=subjects,
+                                    n_draws=args.n_draws, residual=not args.no_residual,
+                                    steady_state=args.steady_state, threshold=args.threshold, seed=args.seed,
+                                    posterior=args.posterior, weight_col=args.weight_col)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_csv(sim.quantiles(), str(out / "profile_quantiles.csv"))
+    _atomic_csv(sim.exposures, str(out / "exposures.csv"))
+    _atomic_csv(sim.summary().rename_axis("REGIMEN").reset_index(), str(out / "exposure_summary.csv"))
+    sim.plot_profiles().savefig(out / "profiles.png", dpi=120)
+    metric = "AUC"
+    sim.plot_exposures(metric).savefig(out / "exposures.png", dpi=120)
+    written = ["profile_quantiles.csv", "exposures.csv", "exposure_summary.csv", "profiles.png", "exposures.png"]
+    if args.target:
+        m, thr, win = _parse_target(args.target)
+        mics = [float(x) for x in args.mic.split(",")] if args.mic else None
+        tab = sim.pta(m, thr, mic=mics, window=win)
+        _atomic_csv(tab, str(out / "pta.csv"))
+        plot_pta(tab).savefig(out / "pta.png", dpi=120)
+        written += ["pta.csv", "pta.png"]
+        print(tab.to_string(index=False))
+    print(sim.summary().T.to_string(float_format=lambda v: f"{v:.4g}"))
+    print(f"\nwrote {', '.join(written)} to {out}")
     return 0
 
 
@@ -194,17 +321,37 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--sort", action="store_true", help="sort records by ID and TIME instead of rejecting disorder")
     v.set_defaults(func=cmd_validate)
 
-    s = sub.add_parser("simulate", help="simulate replicates of a dataset's design from a model")
-    s.add_argument("data", help="CSV file (records; DV may be empty) or shipped dataset name")
-    s.add_argument("--model", required=True, help="library name or path/file.py:object")
+    s = sub.add_parser("simulate", help="simulate replicates of a dataset, or regimens from a fit (--fit)")
+    s.add_argument("data", nargs="?", help="CSV file (records; DV may be empty) or shipped dataset name")
+    s.add_argument("--model", default=None, help="library name or path/file.py:object")
     s.add_argument("--error", default=None, help="error model for a library model (default additive)")
     s.add_argument("--params", help="JSON file {name: value} (names as in result.json estimates)")
     s.add_argument("--param", action="append", metavar="NAME=VALUE", help="one parameter value (repeatable)")
     s.add_argument("-n", type=int, default=1, help="number of replicates")
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--no-residual", action="store_true", help="simulate without residual error")
-    s.add_argument("--out", required=True, help="output CSV")
+    s.add_argument("--out", required=True, help="output CSV (replicates) or folder (--fit)")
+    s.add_argument("--fit", default=None, metavar="RESULT_DIR", help="simulate regimens from this fit")
+    s.add_argument("--regimen", action="append", help='a regimen, e.g. "1000 mg loading then 500 mg q12h x14, '
+                   'infusion 1h" (repeatable; grammar: docs/regimens.md)')
+    s.add_argument("--population", type=int, default=None, help="number of virtual subjects")
+    s.add_argument("--subjects", default=None, help="'observed' or comma-separated IDs of fitted subjects")
+    s.add_argument("--n-draws", type=int, default=100, help="posterior draws per observed subject")
+    s.add_argument("--posterior", default="laplace", choices=["laplace", "is", "draws"])
+    s.add_argument("--steady-state", action="store_true", help="maintenance phase at steady state (SS=1)")
+    s.add_argument("--threshold", type=float, default=None, help="concentration for time/%%fT above it")
+    s.add_argument("--target", default=None, help="PTA target: AUC>=400 or 'CTROUGH in 10:20'")
+    s.add_argument("--mic", default=None, help="comma-separated MICs: PTA of METRIC/MIC >= VALUE")
+    s.add_argument("--weight-col", default="WT", help="weight covariate for mg/kg regimens")
     s.set_defaults(func=cmd_simulate)
+
+    d = sub.add_parser("diagnose", help="GOF, individual, eta, NPDE and VPC figures and tables of a fit")
+    d.add_argument("result", metavar="RESULT_DIR", help="folder written by `nlmefit fit --out`")
+    d.add_argument("--out", default=None, help="output folder (default RESULT_DIR/diagnostics)")
+    d.add_argument("--n-rep", type=int, default=500, help="simulated replicates for NPDE and VPC")
+    d.add_argument("--per-page", type=int, default=12, help="subjects per individual-fit page")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=cmd_diagnose)
 
     f = sub.add_parser("fit", help="estimate a model")
     f.add_argument("data", help="CSV file or shipped dataset name")

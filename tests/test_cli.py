@@ -99,3 +99,34 @@ def test_n_nodes_without_agq_is_refused(tmp_path, capsys):
 def test_console_script_installed():
     out = subprocess.run([sys.executable, "-m", "nlmefit.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "validate" in out.stdout
+
+
+def test_diagnose_and_regimen_simulation_from_a_result_dir(tmp_path, capsys):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    fit_dir = tmp_path / "fit"
+    assert main(["fit", "theophylline", "--no-cov", "--out", str(fit_dir), "--quiet"]) == 0
+    assert main(["diagnose", str(fit_dir), "--n-rep", "50"]) == 0
+    diag = fit_dir / "diagnostics"
+    for name in ["gof.png", "individuals_01.png", "eta.png", "npde.png", "vpc.png", "pcvpc.png", "npde.csv",
+                 "npde_tests.csv", "vpc.csv"]:
+        assert (diag / name).stat().st_size > 0, name
+    sim_dir = tmp_path / "sim"
+    assert main(["simulate", "--fit", str(fit_dir), "--regimen", "320 mg po q12h x4", "--regimen",
+                 "640 mg po q24h x2", "--population", "200", "--seed", "1", "--threshold", "5",
+                 "--target", "AUC>=100", "--mic", "0.5,1,2", "--out", str(sim_dir)]) == 0
+    pta = pd.read_csv(sim_dir / "pta.csv")
+    assert set(pta["REGIMEN"]) == {"320 mg oral q12h x4", "640 mg oral q24h x2"} and len(pta) == 6
+    ex = pd.read_csv(sim_dir / "exposures.csv")
+    assert len(ex) == 400 and {"AUC", "CMAX", "FT_ABOVE_PCT"} <= set(ex.columns)
+    assert (sim_dir / "profiles.png").stat().st_size > 0
+    own = tmp_path / "own"
+    assert main(["simulate", "--fit", str(fit_dir), "--regimen", "320 mg po q8h x3", "--subjects", "1,7",
+                 "--n-draws", "20", "--out", str(own)]) == 0
+    assert set(pd.read_csv(own / "exposures.csv")["ID"]) == {1, 7}
+    capsys.readouterr()
+    assert main(["simulate", "--fit", str(fit_dir), "--regimen", "320 mg po q8h x3", "--out", str(own)]) == 2
+    assert "--population" in capsys.readouterr().err
+    assert main(["simulate", "--fit", str(fit_dir), "--regimen", "320 mg sometimes", "--population", "5",
+                 "--out", str(own)]) == 2

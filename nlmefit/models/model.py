@@ -208,7 +208,7 @@ class Model:
             raise ModelSpecError(f"the data has several DVID values ({self._dvid_labels(panel, dvids)}); "
                                  f"say which one this model describes with Model(..., dvid=...)")
         dv = panel.dv
-        if self.error.log_scale:
+        if self.error.log_scale and check_likelihood:  # simulation templates may carry no DV at all
             bad = mask_np & (panel.cens == 0) & ~(dv > 0)
             if bad.any():
                 i, j = np.argwhere(bad)[0]

@@ -238,6 +238,37 @@ class FitResult:
             lines += ["", f"  eta shrinkage: {sh};  epsilon shrinkage: {100 * (self.epsilon_shrinkage or 0):.1f}%"]
         return "\n".join(lines)
 
+    # ------------------------------------------------------------------ diagnostics (nlmefit.diagnostics)
+    def plot_gof(self, **kwargs):
+        """DV vs PRED/IPRED, CWRES vs TIME/PRED (see :func:`nlmefit.diagnostics.plot_gof`)."""
+        from nlmefit.diagnostics import plot_gof
+
+        return plot_gof(self, **kwargs)
+
+    def plot_individuals(self, **kwargs):
+        """Paged individual fits (see :func:`nlmefit.diagnostics.plot_individuals`)."""
+        from nlmefit.diagnostics import plot_individuals
+
+        return plot_individuals(self, **kwargs)
+
+    def plot_eta(self, covariates: bool = False, **kwargs):
+        """η̂ distributions, or η̂ against covariates with ``covariates=True``."""
+        from nlmefit.diagnostics import plot_eta_covariates, plot_eta_distributions
+
+        return plot_eta_covariates(self, **kwargs) if covariates else plot_eta_distributions(self, **kwargs)
+
+    def npde(self, **kwargs):
+        """NPDE by simulation from this fit (see :func:`nlmefit.diagnostics.npde`)."""
+        from nlmefit.diagnostics import npde
+
+        return npde(self, **kwargs)
+
+    def vpc(self, **kwargs):
+        """(pc)VPC by simulation from this fit (see :func:`nlmefit.diagnostics.vpc`)."""
+        from nlmefit.diagnostics import vpc
+
+        return vpc(self, **kwargs)
+
     # ------------------------------------------------------------------ prediction
     def predict(self, new_data, individual: bool = False) -> pd.DataFrame:
         """Population predictions (PRED) for a DataFrame/Panel in the model's record layout; with

@@ -1,0 +1,18 @@
+"""Diagnostics of a fit: goodness-of-fit panels, individual fits, η plots, NPDE and (pc)VPC.
+
+Every plotting function returns a matplotlib Figure (or draws on ``ax=``) and never calls ``plt.show()``.
+The same functions are methods of :class:`~nlmefit.FitResult` (``fit.plot_gof()``, ``fit.vpc()`` …).
+"""
+from nlmefit.diagnostics._grid import grid_predictions, predict_on_grid
+from nlmefit.diagnostics.eta import eta_table, plot_eta_covariates, plot_eta_distributions
+from nlmefit.diagnostics.gof import lowess, plot_gof
+from nlmefit.diagnostics.individual import plot_individuals
+from nlmefit.diagnostics.npde import NpdeResult, npde, npde_tests, plot_npde
+from nlmefit.diagnostics.replicates import simulate_replicates
+from nlmefit.diagnostics.vpc import VpcResult, plot_vpc, vpc, vpc_bins
+
+__all__ = [
+    "plot_gof", "plot_individuals", "plot_eta_distributions", "plot_eta_covariates", "eta_table",
+    "grid_predictions", "predict_on_grid", "lowess", "npde", "npde_tests", "plot_npde", "NpdeResult", "vpc",
+    "vpc_bins", "plot_vpc", "VpcResult", "simulate_replicates",
+]

@@ -1,0 +1,182 @@
+"""Goodness-of-fit panels (xpose style): DV vs PRED, DV vs IPRED, CWRES vs TIME, CWRES vs PRED.
+
+Each panel shows the records (open circles), a reference line (identity, or zero with ±2 bands) and a LOWESS
+smoother. Censored records (CENS ≠ 0) are drawn at their limit with a distinct marker in the DV panels and left
+out of every smoother and of the residual panels (their residuals are undefined).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = ["plot_gof", "lowess", "log_axis", "STYLE"]
+
+#: Shared look of the diagnostic figures.
+STYLE = {
+    "point": dict(marker="o", s=14, facecolors="none", edgecolors="#3b4a5a", linewidths=0.7, alpha=0.75),
+    "censored": dict(marker="v", s=22, color="#d62728", linewidths=0.0, alpha=0.9),
+    "reference": dict(color="black", lw=1.0),
+    "band": dict(color="grey", lw=0.9, ls="--"),
+    "smooth": dict(color="#d62728", lw=1.6),
+}
+
+
+def lowess(x: np.ndarray, y: np.ndarray, frac: float = 2 / 3, iterations: int = 2,
+           n_eval: int = 100) -> tuple[np.ndarray, np.ndarray]:
+    """Locally weighted linear regression (Cleveland 1979), vectorised over ``n_eval`` evaluation points.
+
+    Tricube weights over the ``ceil(frac·n)`` nearest points, then ``iterations`` robustness passes with
+    bisquare weights on the residuals (interpolated from the evaluation grid). Returns ``(x_eval, y_smooth)``;
+    empty arrays when fewer than 3 finite points.
+    """
+    x = np.asarray(x, float)
+    y = np.asarray(y, float)
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    n = len(x)
+    if n < 3 or np.ptp(x) == 0:
+        return np.zeros(0), np.zeros(0)
+    xe = np.linspace(x.min(), x.max(), n_eval)
+    k = min(n, max(3, int(np.ceil(frac * n))))
+    dist = np.abs(xe[:, None] - x[None, :])  # [m, n]
+    h = np.partition(dist, k - 1, axis=1)[:, k - 1]
+    h = np.maximum(h, 1e-12 * max(np.ptp(x), 1.0))
+    tri = np.clip(1 - (dist / h[:, None]) ** 3, 0, None) ** 3
+    robust = np.ones(n)
+    for it in range(iterations + 1):
+        w = tri * robust[None, :]
+        sw = w.sum(1)
+        sw = np.where(sw > 0, sw, np.nan)
+        mx = (w * x).sum(1) / sw
+        my = (w * y).sum(1) / sw
+        dx = x[None, :] - mx[:, None]
+        sxx = (w * dx * dx).sum(1)
+        sxy = (w * dx * (y[None, :] - my[:, None])).sum(1)
+        flat = ~(sxx > 1e-12 * sw * np.ptp(x) ** 2)  # (nearly) one distinct x in the window: local mean
+        slope = np.where(flat, 0.0, sxy / np.where(flat, 1.0, sxx))
+        ys = my + slope * (xe - mx)
+        if it == iterations:
+            break
+        r = y - np.interp(x, xe, ys)
+        s = np.median(np.abs(r[np.isfinite(r)])) if np.isfinite(r).any() else 0.0
+        if not s > 0:
+            break
+        u = r / (6 * s)
+        robust = np.where(np.abs(u) < 1, (1 - u * u) ** 2, 0.0)
+    good = np.isfinite(ys)
+    return xe[good], ys[good]
+
+
+def _smooth(ax, x, y, frac: float = 2 / 3) -> None:
+    xs, ys = lowess(x, y, frac=frac)
+    if len(xs):
+        ax.plot(xs, ys, **STYLE["smooth"], zorder=4)
+
+
+def log_axis(ax, axis) -> None:
+    """Log scale with plain labels at 1-2-5 steps (no overlapping minor labels)."""
+    from matplotlib import ticker
+
+    (ax.set_xscale if axis is ax.xaxis else ax.set_yscale)("log", nonpositive="mask")
+    axis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(ticker.NullFormatter())
+
+
+def _identity(ax, x, y, log: bool) -> None:
+    vals = np.concatenate([np.asarray(x, float), np.asarray(y, float)])
+    vals = vals[np.isfinite(vals) & ((vals > 0) if log else True)]
+    if not len(vals):
+        return
+    lo, hi = vals.min(), vals.max()
+    if log:
+        lo, hi = lo / 1.3, hi * 1.3
+        for axis in (ax.xaxis, ax.yaxis):
+            log_axis(ax, axis)
+    else:
+        pad = 0.04 * (hi - lo if hi > lo else 1.0)
+        lo, hi = lo - pad, hi + pad
+    ax.plot([lo, hi], [lo, hi], **STYLE["reference"], zorder=3)
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
+    ax.set_aspect("equal", adjustable="box")
+
+
+def _dv_panel(ax, pred, dv, cens, xlabel: str, log: bool) -> None:
+    unc = cens == 0
+    keep = (pred > 0) & (dv > 0) if log else np.ones_like(unc)
+    ax.scatter(pred[unc & keep], dv[unc & keep], **STYLE["point"], zorder=2)
+    if (~unc & keep).any():
+        ax.scatter(pred[~unc & keep], dv[~unc & keep], **STYLE["censored"], zorder=3, label="censored (at limit)")
+        ax.legend(loc="upper left", fontsize=7, frameon=False)
+    _identity(ax, pred[keep], dv[keep], log)
+    if log:
+        sx, sy = lowess(np.log(pred[unc & keep]), np.log(dv[unc & keep]))
+        if len(sx):
+            ax.plot(np.exp(sx), np.exp(sy), **STYLE["smooth"], zorder=4)
+    else:
+        _smooth(ax, pred[unc], dv[unc])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("Observations (DV)")
+
+
+def _res_panel(ax, x, res, xlabel: str, ylabel: str) -> None:
+    ok = np.isfinite(x) & np.isfinite(res)
+    ax.scatter(x[ok], res[ok], **STYLE["point"], zorder=2)
+    ax.axhline(0.0, **STYLE["reference"], zorder=3)
+    for v in (-2.0, 2.0):
+        ax.axhline(v, **STYLE["band"], zorder=1)
+    _smooth(ax, x[ok], res[ok])
+    m = np.abs(res[ok]).max() if ok.any() else 2.0
+    lim = max(3.0, 1.08 * m)
+    ax.set_ylim(-lim, lim)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+
+
+def plot_gof(fit, ax: Sequence | np.ndarray | None = None, *, log: bool = False, residual: str = "CWRES",
+             idv: str = "TIME", title: str | None = None):
+    """The 2×2 goodness-of-fit figure of a fit: DV vs PRED, DV vs IPRED, ``residual`` vs ``idv`` and vs PRED.
+
+    ``ax``: four axes to draw on (any array shape, row-major), else a new figure. ``log``: log-log DV panels.
+    ``residual``: a residual column of ``fit.predictions`` (CWRES, WRES, IWRES, NPDE ...). Returns the Figure.
+    """
+    import matplotlib.pyplot as plt
+
+    pr = fit.predictions
+    if residual not in pr.columns:
+        raise ValueError(f"residual {residual!r} is not a column of fit.predictions ({list(pr.columns)})")
+    if idv not in pr.columns:
+        raise ValueError(f"idv {idv!r} is not a column of fit.predictions ({list(pr.columns)})")
+    if ax is None:
+        fig, axes = plt.subplots(2, 2, figsize=(8.0, 7.4))
+        axes = axes.ravel()
+    else:
+        axes = np.asarray(ax, dtype=object).ravel()
+        if len(axes) != 4:
+            raise ValueError(f"ax: expected 4 axes, got {len(axes)}")
+        fig = axes[0].figure
+    dv = pr["DV"].to_numpy(float)
+    pred = pr["PRED"].to_numpy(float)
+    ipred = pr["IPRED"].to_numpy(float)
+    cens = pr["CENS"].to_numpy() if "CENS" in pr.columns else np.zeros(len(pr), int)
+    unc = cens == 0
+    res = np.where(unc, pr[residual].to_numpy(float), np.nan)
+    _dv_panel(axes[0], pred, dv, cens, "Population predictions (PRED)", log)
+    _dv_panel(axes[1], ipred, dv, cens, "Individual predictions (IPRED)", log)
+    _res_panel(axes[2], pr[idv].to_numpy(float), res, "Time" if idv == "TIME" else idv, residual)
+    _res_panel(axes[3], pred, res, "Population predictions (PRED)", residual)
+    for a in axes:
+        a.grid(True, color="0.92", lw=0.6, zorder=0)
+        a.set_axisbelow(True)
+        a.tick_params(labelsize=8)
+        a.xaxis.label.set_size(9)
+        a.yaxis.label.set_size(9)
+    if ax is None:
+        n_c = int((~unc).sum())
+        extra = f", {n_c} censored" if n_c else ""
+        fig.suptitle(title or f"{fit.model_name} — {fit.method.upper()}: {fit.n_subjects} subjects, "
+                              f"{len(pr)} observations{extra}", fontsize=10)
+        fig.tight_layout()
+    return fig
