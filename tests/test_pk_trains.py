@@ -38,4 +38,6 @@ def test_trains_handle_ka_equal_to_the_elimination_rate():
     fast = nlmefit.simulate_regimens(None, "100 mg po q12h x6", fast=True, **kw)
     slow = nlmefit.simulate_regimens(None, "100 mg po q12h x6", fast=False, **kw)
     assert np.all(np.isfinite(fast.profiles))
-    np.testing.assert_allclose(fast.profiles, slow.profiles, rtol=1e-6, atol=1e-9)
+    # documented bound near k_a = λ: ~1e-7 relative (k_a is moved by 1e-7; the difference quotient loses
+    # digits in proportion), so compare at 1e-6 of the profile's scale
+    np.testing.assert_allclose(fast.profiles, slow.profiles, rtol=1e-6, atol=1e-6 * slow.profiles.max())

@@ -20,7 +20,7 @@ __all__ = ["main", "run"]
 
 
 def run(n_subjects: int, n_times: int = 100, regimen: str = "100 mg po q12h x14", auc: str = "trapezoid",
-        chunk: int = 50000, device: str = "cpu", seed: int = 1) -> dict:
+        chunk: int = 10000, device: str = "cpu", seed: int = 1) -> dict:
     model = nlmefit.library.get("1cmt_oral", theta={"cl": 2.0, "v": 30.0, "ka": 1.2},
                                 omega={"cl": 0.09, "v": 0.04, "ka": 0.09}, sigma={"add": 0.1})
     t0 = time.perf_counter()
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--times", type=int, default=100)
     ap.add_argument("--regimen", default="100 mg po q12h x14")
     ap.add_argument("--auc", default="trapezoid", choices=["trapezoid", "quadrature"])
-    ap.add_argument("--chunk", type=int, default=50000)
+    ap.add_argument("--chunk", type=int, default=10000)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
     print(f"# machine: {machine(args.device)}; device {args.device}; torch threads {torch.get_num_threads()}")

@@ -40,23 +40,26 @@ class DoseTrain:
     depot: bool
 
 
-def _geometric(x: torch.Tensor, m: torch.Tensor, tau: float) -> torch.Tensor:
-    """G_m(x) = Σ_{k<m} e^{−x k τ} = (1 − e^{−x m τ})/(1 − e^{−x τ}) (m for x τ → 0)."""
+def _inv_den(x: torch.Tensor, tau: float) -> torch.Tensor:
+    """1/(1 − e^{−x τ}) (per subject and exponential; 0 where x τ underflows, handled by the caller's limit)."""
     den = -torch.expm1(-x * tau)
-    safe = den > 1e-300
-    return torch.where(safe, -torch.expm1(-x * m * tau) / torch.where(safe, den, torch.ones_like(den)), m)
+    return torch.where(den > 1e-300, 1 / torch.where(den > 1e-300, den, torch.ones_like(den)), torch.zeros_like(den))
 
 
 def train_concentration(params: Mapping[str, torch.Tensor], trains: Sequence[DoseTrain], times: torch.Tensor,
                         ncmt: int, amount_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Central concentration [S, T] at ``times`` [T] for per-subject parameters ``params`` ([S, 1] or scalars:
     ``cl``, ``v`` (+ ``q``, ``vp``, …), ``ka`` for depot doses, optional ``f`` and ``tlag``); ``amount_scale``
-    [S] multiplies every amount (mg/kg regimens)."""
+    [S] multiplies every amount (mg/kg regimens).
+
+    With Δ the time since the latest dose and Δ' = Δ + mτ the time since the (virtual) dose before the first,
+    e^{−xΔ} G_m(x) = (e^{−xΔ} − e^{−xΔ'})/(1 − e^{−xτ}): two exponentials per rate and time, and no dose
+    (m = 0) is Δ = Δ' = 0, which gives exactly 0."""
     lam, a_coef = macro_constants({k: params[k] for k in PK_PARAMS[ncmt]}, ncmt)  # [S, 1, K]
     t = times[None, :]  # [1, T]
     f = params.get("f")
     lag = params.get("tlag")
-    conc = torch.zeros(torch.broadcast_shapes(lam.shape[:-1], t.shape), dtype=times.dtype, device=times.device)
+    conc = None
     for tr in trains:  # a regimen has a handful of phases
         rel = t - tr.start if lag is None else t - tr.start - lag
         tau = float(tr.interval) if tr.n > 1 else 1.0
@@ -66,23 +69,21 @@ def train_concentration(params: Mapping[str, torch.Tensor], trains: Sequence[Dos
         kr = torch.round(kf)
         m = torch.where((kf - kr).abs() < 1e-9, kr, torch.ceil(kf))
         m = torch.where(rel >= -1e-12 * tau, torch.clamp(m, min=1, max=tr.n), torch.zeros_like(m))
-        delta = torch.clamp(rel - (m - 1) * tau, min=0.0)
-        on = m > 0
-        mk, dk = m[..., None], delta[..., None]
-        g_lam = _geometric(lam, mk, tau)
-        e_lam = torch.exp(-lam * dk) * g_lam
+        delta = torch.where(m > 0, torch.clamp(rel - (m - 1) * tau, min=0.0), torch.zeros_like(rel))
+        d0, d1 = delta[..., None], (delta + m * tau)[..., None]  # [·, T, 1]: design-only unless there is a lag
+        amt = tr.amount if f is None else tr.amount * f[..., None]
         if tr.depot:
             ka = params["ka"][..., None]
             near = (ka - lam).abs() <= _NEAR * torch.maximum(ka, lam)
             ka_k = torch.where(near, ka * (1 + _NEAR), ka).expand_as(lam)
-            e_ka = torch.exp(-ka_k * dk) * _geometric(ka_k, mk, tau)
-            resp = ka_k * (e_lam - e_ka) / (ka_k - lam)
+            c_lam = a_coef * amt * ka_k / (ka_k - lam) * _inv_den(lam, tau)  # [S, 1, K]
+            c_ka = a_coef * amt * ka_k / (ka_k - lam) * _inv_den(ka_k, tau)
+            resp = c_lam * (torch.exp(-lam * d0) - torch.exp(-lam * d1)) \
+                - c_ka * (torch.exp(-ka_k * d0) - torch.exp(-ka_k * d1))
         else:
-            resp = e_lam
-        c = (a_coef * resp).sum(-1) * tr.amount
-        if f is not None:
-            c = c * f
-        conc = conc + torch.where(on, c, torch.zeros_like(c))
+            resp = (a_coef * amt * _inv_den(lam, tau)) * (torch.exp(-lam * d0) - torch.exp(-lam * d1))
+        c = resp.sum(-1) if resp.shape[-1] > 1 else resp[..., 0]
+        conc = c if conc is None else conc + c
     if amount_scale is not None:
         conc = conc * amount_scale[:, None]
     return conc

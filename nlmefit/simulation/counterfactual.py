@@ -259,7 +259,7 @@ def simulate_regimens(
     weight_col: str = "WT",
     iv_cmt: int | None = None,
     seed: int | None = 0,
-    chunk: int = 20000,
+    chunk: int = 10000,
     model: Model | None = None,
     params=None,
     device=None,

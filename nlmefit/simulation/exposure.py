@@ -66,9 +66,9 @@ def _eval_times(data1, t0: float, t1: float, auc: str):
 
 
 def exposure_table(model, p, data1, eta, cov_t, scale, interval, recs, trains=None, *, threshold=None, fu=1.0,
-                   auc="quadrature", chunk=20000) -> pd.DataFrame:
+                   auc="quadrature", chunk=10000) -> pd.DataFrame:
     """Exposure metrics for the S simulated subjects of the one-subject template ``data1`` (module docstring)."""
-    from nlmefit.simulation.counterfactual import concentrations
+    from nlmefit.simulation.counterfactual import _slice_params, concentrations
 
     if auc not in ("quadrature", "trapezoid"):
         raise ModelSpecError(f"auc must be 'quadrature' or 'trapezoid', got {auc!r}")
@@ -79,32 +79,29 @@ def exposure_table(model, p, data1, eta, cov_t, scale, interval, recs, trains=No
     times = fine if quad is None else np.concatenate([fine, quad[0]])
     n_f = len(fine)
     s = eta.shape[0]
-    conc = concentrations(model, p, eta, cov_t, scale, recs, times, trains, chunk)
-    c_fine = conc[:, :n_f]
-    if quad is None:
-        auc_v = np.trapezoid(c_fine, fine, axis=1)
-        method = "trapezoid"
-    else:
-        auc_v = conc[:, n_f:] @ quad[1]
-        method = "quadrature"
-    allc = conc
-    allt = times
-    k = np.argmax(allc, axis=1)
-    out = {
-        "AUC": auc_v,
-        "AUC_INF": _auc_inf(model, p, data1, eta, cov_t, scale),
-        "CMAX": allc[np.arange(s), k],
-        "TMAX": allt[k] - t0,
-        "CMIN": allc.min(axis=1),
-        "CTROUGH": c_fine[:, -1],
-        "CAVG": auc_v / (t1 - t0),
-    }
+    cols = {k: np.empty(s) for k in ("AUC", "CMAX", "TMAX", "CMIN", "CTROUGH")}
     if threshold is not None:
-        ta = _time_above(fu * c_fine, fine, float(threshold))
-        out["T_ABOVE"] = ta
-        out["FT_ABOVE_PCT"] = 100.0 * ta / (t1 - t0)
+        cols["T_ABOVE"] = np.empty(s)
+    for a in range(0, s, chunk):  # metrics chunk by chunk: the [S, T] concentrations are never held at once
+        sl = slice(a, min(s, a + chunk))
+        conc = concentrations(model, _slice_params(p, sl), eta[sl], {k: v[sl] for k, v in cov_t.items()},
+                              None if scale is None else scale[sl], recs, times, trains, chunk)
+        c_fine = conc[:, :n_f]
+        cols["AUC"][sl] = np.trapezoid(c_fine, fine, axis=1) if quad is None else conc[:, n_f:] @ quad[1]
+        k = np.argmax(conc, axis=1)
+        cols["CMAX"][sl] = conc[np.arange(conc.shape[0]), k]
+        cols["TMAX"][sl] = times[k] - t0
+        cols["CMIN"][sl] = conc.min(axis=1)
+        cols["CTROUGH"][sl] = c_fine[:, -1]
+        if threshold is not None:
+            cols["T_ABOVE"][sl] = _time_above(fu * c_fine, fine, float(threshold))
+    out = {"AUC": cols["AUC"], "AUC_INF": _auc_inf(model, p, data1, eta, cov_t, scale), "CMAX": cols["CMAX"],
+           "TMAX": cols["TMAX"], "CMIN": cols["CMIN"], "CTROUGH": cols["CTROUGH"], "CAVG": cols["AUC"] / (t1 - t0)}
+    if threshold is not None:
+        out["T_ABOVE"] = cols["T_ABOVE"]
+        out["FT_ABOVE_PCT"] = 100.0 * cols["T_ABOVE"] / (t1 - t0)
     df = pd.DataFrame(out)
-    df["AUC_METHOD"] = method
+    df["AUC_METHOD"] = "trapezoid" if quad is None else "quadrature"
     return df
 
 
