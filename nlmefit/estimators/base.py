@@ -20,6 +20,18 @@ class Estimator:
     def fit(self, model, data, init=None):  # pragma: no cover - interface
         raise NotImplementedError
 
+    def bind(self, model, data, init=None):
+        """(model with ``init`` as its initial values, ModelData on ``self.device``): the common first step of
+        every ``fit``."""
+        from nlmefit.models.model import ModelData
+        from nlmefit.models.parameters import Params
+
+        mdata = data if isinstance(data, ModelData) else model.prepare(data, device=getattr(self, "device", None))
+        if init is not None:
+            p_init = init if isinstance(init, Params) else model.parameters.params_from_dict(init)
+            model = model.with_initial(p_init)
+        return model, mdata
+
     def options(self) -> dict:
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}
 

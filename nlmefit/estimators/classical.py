@@ -98,10 +98,7 @@ class ClassicalEstimator(Estimator):
         t0 = time.perf_counter()
         if seed is not None:
             torch.manual_seed(seed)
-        mdata = data if isinstance(data, ModelData) else model.prepare(data, device=self.device)
-        if init is not None:
-            p_init = init if isinstance(init, Params) else model.parameters.params_from_dict(init)
-            model = model.with_initial(p_init)
+        model, mdata = self.bind(model, data, init)
         pset = model.parameters
         dev = mdata.y.device
         p0 = pset.initial(torch.float64, dev)

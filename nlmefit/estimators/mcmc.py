@@ -38,7 +38,7 @@ class ChainState:
     proposed: dict = field(default_factory=dict)
 
     def acceptance(self) -> dict[str, float]:
-        return {k: self.accepted[k] / max(1, self.proposed[k]) for k in self.proposed}
+        return {k: float(self.accepted[k]) / max(1, self.proposed[k]) for k in self.proposed}
 
 
 def init_chains(n_chains: int, eta0: torch.Tensor) -> ChainState:
@@ -76,8 +76,8 @@ def mcmc_sweep(model: Model, p: Params, data: ModelData, state: ChainState, kern
     ll = _loglik(model, p, data, eta)
     lp = model.log_prior(p, eta, data.n_occ)
 
-    def count(name: str, acc: torch.Tensor) -> None:
-        state.accepted[name] = state.accepted.get(name, 0) + int(acc.sum())
+    def count(name: str, acc: torch.Tensor) -> None:  # kept on the device: no host sync per transition
+        state.accepted[name] = state.accepted.get(name, 0) + acc.sum()
         state.proposed[name] = state.proposed.get(name, 0) + acc.numel()
 
     def randn(*shape):
@@ -92,13 +92,17 @@ def mcmc_sweep(model: Model, p: Params, data: ModelData, state: ChainState, kern
             ll = torch.where(acc, ll_p, ll)
             count("prior", acc)
         lp = model.log_prior(p, eta, data.n_occ)
-        for _ in range(kernels.get("block", 0)):
-            prop = eta + state.scale_block.unsqueeze(-1) * (randn(c, n, q) @ L.T)
+        def metropolis(eta, prop, ll, lp):
+            """One random-walk accept/reject of ``prop`` against the full posterior."""
             ll_p = _loglik(model, p, data, prop)
             lp_p = model.log_prior(p, prop, data.n_occ)
             acc = _accept(ll_p + lp_p - ll - lp, gen)
-            eta = torch.where(acc.unsqueeze(-1), prop, eta)
-            ll, lp = torch.where(acc, ll_p, ll), torch.where(acc, lp_p, lp)
+            return (torch.where(acc.unsqueeze(-1), prop, eta), torch.where(acc, ll_p, ll),
+                    torch.where(acc, lp_p, lp), acc)
+
+        for _ in range(kernels.get("block", 0)):
+            prop = eta + state.scale_block.unsqueeze(-1) * (randn(c, n, q) @ L.T)
+            eta, ll, lp, acc = metropolis(eta, prop, ll, lp)
             if adapt:
                 state.scale_block = _adapt(state.scale_block, acc, target)
             count("block", acc)
@@ -106,12 +110,7 @@ def mcmc_sweep(model: Model, p: Params, data: ModelData, state: ChainState, kern
             for j in range(q):
                 step = torch.zeros_like(eta)
                 step[..., j] = state.scale_comp[..., j] * sd[j] * randn(c, n)
-                prop = eta + step
-                ll_p = _loglik(model, p, data, prop)
-                lp_p = model.log_prior(p, prop, data.n_occ)
-                acc = _accept(ll_p + lp_p - ll - lp, gen)
-                eta = torch.where(acc.unsqueeze(-1), prop, eta)
-                ll, lp = torch.where(acc, ll_p, ll), torch.where(acc, lp_p, lp)
+                eta, ll, lp, acc = metropolis(eta, eta + step, ll, lp)
                 if adapt:
                     state.scale_comp[..., j] = _adapt(state.scale_comp[..., j], acc, target)
                 count("component", acc)

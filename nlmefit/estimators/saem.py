@@ -43,7 +43,7 @@ from nlmefit.errors import ModelSpecError
 from nlmefit.estimators.base import Estimator, register
 from nlmefit.estimators.foce import FOCEI
 from nlmefit.estimators.mcmc import KERNELS, init_chains, mcmc_sweep
-from nlmefit.models.model import Model, ModelData
+from nlmefit.models.model import Model
 from nlmefit.models.parameters import Omega, Params
 
 __all__ = ["SAEM"]
@@ -149,10 +149,7 @@ class SAEM(Estimator):
         t0 = time.perf_counter()
         if seed is None:
             seed = int(np.random.SeedSequence().entropy % (2 ** 31))
-        mdata = data if isinstance(data, ModelData) else model.prepare(data, device=self.device)
-        if init is not None:
-            p_init = init if isinstance(init, Params) else model.parameters.params_from_dict(init)
-            model = model.with_initial(p_init)
+        model, mdata = self.bind(model, data, init)
         pset = model.parameters
         dev = mdata.y.device
         gen = torch.Generator(device=dev)

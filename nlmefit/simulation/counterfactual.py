@@ -117,7 +117,7 @@ class RegimenSimulation:
 
 
 # ---------------------------------------------------------------------------------------------- data plumbing
-def _template(model: Model, panel_like, records: pd.DataFrame, times: np.ndarray, cov_names, device):
+def _template(model: Model, records: pd.DataFrame, times: np.ndarray, cov_names, device):
     """ModelData of one subject: ``records`` (dose rows, ID 1) + observation rows at ``times``."""
     from nlmefit.panel import Panel
 
@@ -374,7 +374,7 @@ def simulate_regimens(
     for reg, lab in zip(regs, labels):  # a handful of regimens: not a hot loop
         recs = _records(reg, model, steady_state, iv_cmt, weight_col)
         t0, t1 = _interval(reg, interval, float(grid[-1]))
-        data1 = _template(model, panel, recs, grid, cov_names, dev)
+        data1 = _template(model, recs, grid, cov_names, dev)
         scale = _dose_scale(reg, cov_frame, weight_col, dev)
         trains = _trains(reg, model, steady_state, iv_cmt) if fast else None
         prof = concentrations(model, p, eta, cov_t, scale, recs, grid, trains, chunk, residual, gen)
@@ -502,11 +502,11 @@ def concentrations(model, p, eta, cov_t, scale, recs, times: np.ndarray, trains,
     dev = eta.device
     cov_names = list(cov_t)
     if trains is None:
-        tmpl = _template(model, None, recs, times, cov_names, dev)
+        tmpl = _template(model, recs, times, cov_names, dev)
         back = np.empty(len(times), dtype=int)  # the template holds its observation rows in time order
         back[np.argsort(times, kind="stable")] = np.arange(len(times))
     else:
-        one = _template(model, None, recs, times[:1], cov_names, dev)  # covariates/params plumbing only
+        one = _template(model, recs, times[:1], cov_names, dev)  # covariates/params plumbing only
         t_t = torch.as_tensor(np.asarray(times, dtype=float), dtype=torch.float64, device=dev)
     out = np.empty((s, len(times)))
     bc = _broadcasts(model)
