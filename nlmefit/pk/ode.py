@@ -228,6 +228,251 @@ def _periodic(integ: _Integrator, t0, bolus, rate, dur, ii, active, x_like) -> t
     return torch.where(active[:, None] & ok[:, None], x_star, torch.zeros_like(x_star)), ok
 
 
+@dataclass(frozen=True)
+class _Doses:
+    """Per-dose inputs [N, D] of the event loop (f·amt already applied)."""
+
+    bolus: torch.Tensor  # bolus amount (0 for infusions)
+    rate: torch.Tensor  # infusion rate (0 for boluses)
+    dur: torch.Tensor  # infusion duration (0 for boluses)
+    is_inf: torch.Tensor  # bool: an infusion (data rate, modelled rate or modelled duration)
+    ss: torch.Tensor  # SS flag (0 off the dose mask)
+    ii: torch.Tensor  # dosing interval
+    state: torch.Tensor  # index of the state that receives the dose
+    t_eff: torch.Tensor  # effect time: dose time + tlag
+    n_prior: torch.Tensor  # earlier implied SS infusions still running at an SS dose
+
+
+@dataclass(frozen=True)
+class _Slots:
+    """The per-subject event list [N, E] sorted by time and tie, with the permutation that sorted it."""
+
+    perm: torch.Tensor
+    t: torch.Tensor  # event times (padding repeats the last valid time)
+    delta: torch.Tensor  # segment length ending at each event
+    valid: torch.Tensor
+    kind: torch.Tensor  # _OBS, _REC, _DOSE or _END
+    index: torch.Tensor  # index into the observation or dose arrays
+
+
+@dataclass(frozen=True)
+class _Actions:
+    """What happens at each sorted event [N, E]: resets, boluses, rate changes and steady-state doses."""
+
+    di: torch.Tensor  # dose index of the event (0 where none)
+    reset: torch.Tensor
+    bolus: torch.Tensor
+    drate: torch.Tensor
+    state: torch.Tensor
+    ss: torch.Tensor
+
+
+def _gather(a: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``a`` [N, K] at ``index`` [N, E] along dim 1 (zeros when K = 0)."""
+    return torch.gather(a, 1, index) if a.shape[1] else torch.zeros(index.shape, dtype=a.dtype, device=index.device)
+
+
+def _check_inputs(system: OdeSystem, p: Mapping[str, torch.Tensor], method: str) -> None:
+    """ModelSpecError for a missing volume parameter or a method without error control."""
+    if system.volume not in p:
+        raise ModelSpecError(f"the ODE system reads its concentration as amount/{system.volume!r}, "
+                             f"which is not among the parameters {sorted(p)}")
+    if method not in ADAPTIVE_METHODS:
+        raise ModelSpecError(f"method {method!r}: the ODE path needs an adaptive torchdiffeq method "
+                             f"({sorted(ADAPTIVE_METHODS)}); a fixed-step one would take one step per event segment")
+
+
+def _infusions(p: Mapping[str, torch.Tensor], dm: torch.Tensor, dr: torch.Tensor,
+               amt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rates, durations and the infusion mask [N, D] of data (rate > 0), modelled-rate and modelled-duration doses."""
+    data_inf, rate_mod, dur_mod = dm & (dr > 0), dm & (dr == -1), dm & (dr == -2)
+    is_inf = data_inf | rate_mod | dur_mod
+    if bool(rate_mod.any()) and "rate" not in p:
+        raise ModelSpecError("the data has RATE=-1 (modelled rate) but the parameters have no 'rate'")
+    if bool(dur_mod.any()) and "dur" not in p:
+        raise ModelSpecError("the data has RATE=-2 (modelled duration) but the parameters have no 'dur'")
+    ones_d = torch.ones_like(dr)
+    rate_d = torch.where(data_inf, dr, ones_d)
+    if "rate" in p:
+        rate_d = torch.where(rate_mod, p["rate"][:, None].expand_as(dr), rate_d)
+    dur_d = amt / rate_d
+    if "dur" in p:
+        dur_p = p["dur"][:, None].expand_as(dr)
+        dur_safe = torch.where(dur_mod, dur_p, ones_d)
+        rate_d = torch.where(dur_mod, amt / dur_safe, rate_d)
+        dur_d = torch.where(dur_mod, dur_p, dur_d)
+    rate_d = torch.where(is_inf, rate_d, torch.zeros_like(dr))
+    dur_d = torch.where(is_inf, dur_d, torch.zeros_like(dr))
+    return rate_d, dur_d, is_inf
+
+
+def _route_states(system: OdeSystem, ev: Events) -> torch.Tensor:
+    """The state each dose goes into [N, D]: the depot for oral doses (route 1), else the central state."""
+    route_state = torch.full_like(ev.dose_route, system.central)
+    if system.depot is not None:
+        route_state = torch.where(ev.dose_route == 1, torch.full_like(route_state, system.depot), route_state)
+    elif bool((ev.dose_mask & (ev.dose_route == 1)).any()):
+        raise ModelSpecError("doses into the depot (dose_route 1) need an ODE system with a depot state")
+    return route_state
+
+
+def _dose_inputs(system: OdeSystem, p: Mapping[str, torch.Tensor], ev: Events, dtype) -> _Doses:
+    """Per-dose amounts, rates, durations, SS flags, target states and effect times."""
+    dm = ev.dose_mask
+    dr = ev.dose_rate.to(dtype)
+    f_bio = p["f"] if "f" in p else torch.ones(dr.shape[0], dtype=dtype, device=ev.obs_time.device)
+    amt = torch.where(dm, ev.dose_amt.to(dtype), torch.zeros_like(dr)) * f_bio[:, None]
+    rate_d, dur_d, is_inf = _infusions(p, dm, dr, amt)
+    bolus_d = torch.where(is_inf, torch.zeros_like(amt), amt)
+    ss_d = torch.where(dm, ev.dose_ss, torch.zeros_like(ev.dose_ss))
+    ii_d = ev.dose_ii.to(dtype)
+    if bool(((ss_d > 0) & ~(ii_d > 0)).any()):
+        raise ModelSpecError("steady-state doses (SS=1/2) need an interval II > 0 on the ODE path")
+    route_state = _route_states(system, ev)
+    tlag = p.get("tlag", None)
+    t_eff = ev.dose_time.to(dtype) + (tlag[:, None] if tlag is not None else 0.0)
+    # infusions of earlier implied SS doses still running at an SS dose: m·II < dur, m = 1..n_prior
+    ii_safe = torch.where(ss_d > 0, ii_d, torch.ones_like(dr))
+    n_prior = torch.where((ss_d > 0) & is_inf, torch.ceil(dur_d.detach() / ii_safe) - 1, torch.zeros_like(dr))
+    n_prior = n_prior.clamp_min(0)
+    return _Doses(bolus_d, rate_d, dur_d, is_inf, ss_d, ii_d, route_state, t_eff, n_prior)
+
+
+def _event_list(ev: Events, doses: _Doses, tlag: torch.Tensor | None, dtype) -> list[torch.Tensor]:
+    """Unsorted events [N, E]: times, ties, kinds, validity and source indices (observations first)."""
+    device = ev.obs_time.device
+    n, j_obs = ev.obs_time.shape
+    d_dose = ev.dose_time.shape[1]
+    k_max = int(doses.n_prior.max()) if doses.n_prior.numel() else 0
+    times, ties, kinds, valid, idx = [], [], [], [], []
+    ar_j = torch.arange(j_obs, device=device).expand(n, j_obs)
+    ar_d = torch.arange(d_dose, device=device).expand(n, d_dose)
+
+    def add(t, tie, kind, ok, index):
+        times.append(t)
+        ties.append(tie.to(dtype))
+        kinds.append(torch.full(t.shape, kind, dtype=torch.int64, device=device))
+        valid.append(ok)
+        idx.append(index)
+
+    dm, t_eff = ev.dose_mask, doses.t_eff
+    add(ev.obs_time.to(dtype), ev.obs_seq, _OBS, ev.obs_mask, ar_j)
+    if tlag is not None:
+        add(ev.dose_time.to(dtype), ev.dose_seq, _REC, dm, ar_d)
+        eff_tie = torch.where((tlag.detach() > 0)[:, None], torch.full_like(ev.dose_seq, -1), ev.dose_seq)
+        add(t_eff, eff_tie, _DOSE, dm, ar_d)
+    else:
+        add(t_eff, ev.dose_seq, _DOSE, dm, ar_d)
+    if bool(doses.is_inf.any()):
+        end_tie = torch.full_like(ev.dose_seq, 2 ** 62)
+        add(t_eff + doses.dur, end_tie, _END, doses.is_inf, ar_d)
+        for m in range(1, k_max + 1):
+            add(t_eff + doses.dur - m * doses.ii, end_tie, _END, doses.is_inf & (doses.n_prior >= m), ar_d)
+    return [torch.cat(c, 1) for c in (times, ties, kinds, valid, idx)]
+
+
+def _sort_events(t_all: torch.Tensor, tie_all: torch.Tensor, kind_all: torch.Tensor, valid_all: torch.Tensor,
+                 idx_all: torch.Tensor) -> _Slots:
+    """Sort each subject's events by time, then tie (invalid ones last), and compute the segment lengths."""
+    big = float(2 ** 62)
+    key_t = torch.where(valid_all, t_all.detach(), torch.full_like(t_all, math.inf))
+    key_tie = torch.where(valid_all, tie_all, torch.full_like(tie_all, big))
+    o1 = torch.sort(key_tie, dim=1, stable=True).indices
+    o2 = torch.sort(torch.gather(key_t, 1, o1), dim=1, stable=True).indices
+    perm = torch.gather(o1, 1, o2)
+    t_s = torch.gather(t_all, 1, perm)
+    v_s = torch.gather(valid_all, 1, perm)
+    k_s = torch.gather(kind_all, 1, perm)
+    i_s = torch.gather(idx_all, 1, perm)
+    last = (v_s.sum(1) - 1).clamp_min(0)
+    t_s = torch.where(v_s, t_s, torch.gather(t_s, 1, last[:, None]))
+    delta = torch.cat([torch.zeros_like(t_s[:, :1]), t_s[:, 1:] - t_s[:, :-1]], 1)
+    return _Slots(perm, t_s, delta, v_s, k_s, i_s)
+
+
+def _slot_actions(ev: Events, doses: _Doses, sl: _Slots, lagged: bool) -> _Actions:
+    """Resets (new epoch at a record), boluses, rate changes and SS doses at each sorted event."""
+    j_obs, d_dose = ev.obs_time.shape[1], ev.dose_time.shape[1]
+    v_s, k_s, i_s = sl.valid, sl.kind, sl.index
+    is_dose_ev = v_s & ((k_s == _DOSE) | (k_s == _END) | (k_s == _REC))
+    di = torch.where(is_dose_ev, i_s, torch.zeros_like(i_s)).clamp_max(max(d_dose - 1, 0))
+    oi = torch.where(v_s & (k_s == _OBS), i_s, torch.zeros_like(i_s)).clamp_max(max(j_obs - 1, 0))
+    is_rec = v_s & ((k_s == _OBS) | (k_s == _REC) | ((k_s == _DOSE) & (not lagged)))
+    rec_epoch = torch.where(k_s == _OBS, _gather(ev.obs_epoch, oi), _gather(ev.dose_epoch, di))
+    rec_epoch = torch.where(is_rec, rec_epoch, torch.full_like(rec_epoch, -1))
+    cur_epoch = torch.cummax(rec_epoch, 1).values  # epochs never decrease in data order
+    prev_epoch = torch.cat([torch.full_like(cur_epoch[:, :1], -1), cur_epoch[:, :-1]], 1)
+    reset = is_rec & (rec_epoch != prev_epoch) & (prev_epoch >= 0)
+    applies = v_s & ((k_s == _DOSE) | (k_s == _END)) & (_gather(ev.dose_epoch, di) == cur_epoch)
+    dose_ap = applies & (k_s == _DOSE)
+    end_ap = applies & (k_s == _END)
+    bolus_s = torch.where(dose_ap, _gather(doses.bolus, di), torch.zeros_like(sl.t))
+    r_s = _gather(doses.rate, di)
+    drate_s = torch.where(dose_ap, r_s * (1 + _gather(doses.n_prior, di)),
+                          torch.where(end_ap, -r_s, torch.zeros_like(r_s)))
+    route_s = _gather(doses.state, di)
+    ss_s = torch.where(dose_ap, _gather(doses.ss, di), torch.zeros_like(di))
+    return _Actions(di, reset, bolus_s, drate_s, route_s, ss_s)
+
+
+def _steady_state(integ: _Integrator, doses: _Doses, act: _Actions, sl: _Slots, k: int, x: torch.Tensor,
+                  onehot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The state after the SS doses at event k (SS=1 replaces it, SS=2 adds the periodic state) and ``ok`` [N]."""
+    ssk = act.ss[:, k]
+    dk = act.di[:, k:k + 1]
+    x_ss, ok = _periodic(integ, sl.t[:, k], _gather(doses.bolus, dk)[:, 0, None] * onehot,
+                         _gather(doses.rate, dk)[:, 0, None] * onehot, _gather(doses.dur, dk)[:, 0],
+                         _gather(doses.ii, dk)[:, 0], ssk > 0, x)
+    x = torch.where((ssk == 1)[:, None], x_ss, torch.where((ssk == 2)[:, None], x + x_ss, x))
+    return x, ok
+
+
+def _run_events(integ: _Integrator, doses: _Doses, sl: _Slots, act: _Actions) -> tuple[list[torch.Tensor],
+                                                                                        torch.Tensor]:
+    """Walk the sorted events for the whole batch: central amounts [N] per event and the no-steady-state mask."""
+    n, e_n = sl.t.shape
+    s_, dtype, device = integ.system.n_states, sl.t.dtype, sl.t.device
+    # host-side flags: one synchronisation for the whole loop
+    flags = torch.stack([(sl.delta.detach() > 0).any(0), act.reset.any(0), (act.bolus != 0).any(0),
+                         (act.drate != 0).any(0), (act.ss > 0).any(0)]).tolist()
+    x = torch.zeros(n, s_, dtype=dtype, device=device)
+    u = torch.zeros(n, s_, dtype=dtype, device=device)
+    no_ss = torch.zeros(n, dtype=torch.bool, device=device)
+    out = []
+    for k in range(e_n):
+        if flags[0][k]:
+            x = integ.flow(x, u, sl.t[:, k - 1], sl.delta[:, k])
+        if flags[1][k]:
+            rs = act.reset[:, k, None]
+            x = torch.where(rs, torch.zeros_like(x), x)
+            u = torch.where(rs, torch.zeros_like(u), u)
+        if flags[2][k] or flags[3][k] or flags[4][k]:
+            onehot = torch.nn.functional.one_hot(act.state[:, k], s_).to(dtype)
+            if flags[4][k]:
+                x, ok = _steady_state(integ, doses, act, sl, k, x, onehot)
+                no_ss = no_ss | ~ok
+            if flags[2][k]:
+                x = x + act.bolus[:, k, None] * onehot
+            if flags[3][k]:
+                u = u + act.drate[:, k, None] * onehot
+        out.append(x[:, integ.system.central])
+    return out, no_ss
+
+
+def _observed(amounts: torch.Tensor, perm: torch.Tensor, volume: torch.Tensor, no_ss: torch.Tensor,
+              obs_mask: torch.Tensor) -> torch.Tensor:
+    """Concentrations [N, J] in observation order (NaN where no steady state, 0 at padded observations)."""
+    j_obs = obs_mask.shape[1]
+    inv = torch.argsort(perm, dim=1)[:, :j_obs]  # observations come first in the unsorted event list
+    conc = torch.gather(amounts, 1, inv) / volume[:, None]
+    if bool(no_ss.any()):
+        warnings.warn(f"{int(no_ss.sum())} subject(s) reach no steady state (an accumulation ratio above 1e6 or "
+                      f"{_SS_MAX_INTERVALS} dosing intervals without convergence: input faster than the maximal "
+                      f"elimination?); their concentrations are NaN", RuntimeWarning, stacklevel=3)
+        conc = torch.where(no_ss[:, None], torch.full_like(conc, math.nan), conc)
+    return torch.where(obs_mask, conc, torch.zeros_like(conc))
+
+
 def solve(
     system: OdeSystem,
     params: Mapping[str, torch.Tensor],
@@ -248,161 +493,13 @@ def solve(
     dtype = ev.obs_time.dtype if ev.obs_time.is_floating_point() else torch.get_default_dtype()
     device = ev.obs_time.device
     n, j_obs = ev.obs_time.shape
-    d_dose = ev.dose_time.shape[1]
-    s_ = system.n_states
     p = _per_subject(params, n, dtype, device)
-    if system.volume not in p:
-        raise ModelSpecError(f"the ODE system reads its concentration as amount/{system.volume!r}, "
-                             f"which is not among the parameters {sorted(p)}")
-    if method not in ADAPTIVE_METHODS:
-        raise ModelSpecError(f"method {method!r}: the ODE path needs an adaptive torchdiffeq method "
-                             f"({sorted(ADAPTIVE_METHODS)}); a fixed-step one would take one step per event segment")
-    one = torch.ones(n, dtype=dtype, device=device)
-    f_bio = p.get("f", one)
+    _check_inputs(system, p, method)
+    doses = _dose_inputs(system, p, ev, dtype)
     tlag = p.get("tlag", None)
-
-    # ---------------------------------------------------------------- doses
-    dm = ev.dose_mask
-    dr = ev.dose_rate.to(dtype)
-    amt = torch.where(dm, ev.dose_amt.to(dtype), torch.zeros_like(dr)) * f_bio[:, None]
-    data_inf, rate_mod, dur_mod = dm & (dr > 0), dm & (dr == -1), dm & (dr == -2)
-    is_inf = data_inf | rate_mod | dur_mod
-    if bool(rate_mod.any()) and "rate" not in p:
-        raise ModelSpecError("the data has RATE=-1 (modelled rate) but the parameters have no 'rate'")
-    if bool(dur_mod.any()) and "dur" not in p:
-        raise ModelSpecError("the data has RATE=-2 (modelled duration) but the parameters have no 'dur'")
-    ones_d = torch.ones_like(dr)
-    rate_d = torch.where(data_inf, dr, ones_d)
-    if "rate" in p:
-        rate_d = torch.where(rate_mod, p["rate"][:, None].expand_as(dr), rate_d)
-    dur_d = amt / rate_d
-    if "dur" in p:
-        dur_p = p["dur"][:, None].expand_as(dr)
-        dur_safe = torch.where(dur_mod, dur_p, ones_d)
-        rate_d = torch.where(dur_mod, amt / dur_safe, rate_d)
-        dur_d = torch.where(dur_mod, dur_p, dur_d)
-    rate_d = torch.where(is_inf, rate_d, torch.zeros_like(dr))
-    dur_d = torch.where(is_inf, dur_d, torch.zeros_like(dr))
-    bolus_d = torch.where(is_inf, torch.zeros_like(amt), amt)
-    ss_d = torch.where(dm, ev.dose_ss, torch.zeros_like(ev.dose_ss))
-    ii_d = ev.dose_ii.to(dtype)
-    if bool(((ss_d > 0) & ~(ii_d > 0)).any()):
-        raise ModelSpecError("steady-state doses (SS=1/2) need an interval II > 0 on the ODE path")
-    route_state = torch.full_like(ev.dose_route, system.central)
-    if system.depot is not None:
-        route_state = torch.where(ev.dose_route == 1, torch.full_like(route_state, system.depot), route_state)
-    elif bool((dm & (ev.dose_route == 1)).any()):
-        raise ModelSpecError("doses into the depot (dose_route 1) need an ODE system with a depot state")
-    t_eff = ev.dose_time.to(dtype) + (tlag[:, None] if tlag is not None else 0.0)
-    # infusions of earlier implied SS doses still running at an SS dose: m·II < dur, m = 1..n_prior
-    ii_safe = torch.where(ss_d > 0, ii_d, ones_d)
-    n_prior = torch.where((ss_d > 0) & is_inf, torch.ceil(dur_d.detach() / ii_safe) - 1, torch.zeros_like(dr))
-    n_prior = n_prior.clamp_min(0)
-    k_max = int(n_prior.max()) if n_prior.numel() else 0
-
-    # ---------------------------------------------------------------- the event list
-    big = float(2 ** 62)
-    times, ties, kinds, valid, idx = [], [], [], [], []
-    ar_j = torch.arange(j_obs, device=device).expand(n, j_obs)
-    ar_d = torch.arange(d_dose, device=device).expand(n, d_dose)
-
-    def add(t, tie, kind, ok, index):
-        times.append(t)
-        ties.append(tie.to(dtype))
-        kinds.append(torch.full(t.shape, kind, dtype=torch.int64, device=device))
-        valid.append(ok)
-        idx.append(index)
-
-    add(ev.obs_time.to(dtype), ev.obs_seq, _OBS, ev.obs_mask, ar_j)
-    lagged = tlag is not None
-    if lagged:
-        add(ev.dose_time.to(dtype), ev.dose_seq, _REC, dm, ar_d)
-        eff_tie = torch.where((tlag.detach() > 0)[:, None], torch.full_like(ev.dose_seq, -1), ev.dose_seq)
-        add(t_eff, eff_tie, _DOSE, dm, ar_d)
-    else:
-        add(t_eff, ev.dose_seq, _DOSE, dm, ar_d)
-    if bool(is_inf.any()):
-        end_tie = torch.full_like(ev.dose_seq, 2 ** 62)
-        add(t_eff + dur_d, end_tie, _END, is_inf, ar_d)
-        for m in range(1, k_max + 1):
-            add(t_eff + dur_d - m * ii_d, end_tie, _END, is_inf & (n_prior >= m), ar_d)
-    t_all, tie_all = torch.cat(times, 1), torch.cat(ties, 1)
-    kind_all, valid_all, idx_all = torch.cat(kinds, 1), torch.cat(valid, 1), torch.cat(idx, 1)
-    e_n = t_all.shape[1]
-    key_t = torch.where(valid_all, t_all.detach(), torch.full_like(t_all, math.inf))
-    key_tie = torch.where(valid_all, tie_all, torch.full_like(tie_all, big))
-    o1 = torch.sort(key_tie, dim=1, stable=True).indices
-    o2 = torch.sort(torch.gather(key_t, 1, o1), dim=1, stable=True).indices
-    perm = torch.gather(o1, 1, o2)
-    t_s = torch.gather(t_all, 1, perm)
-    v_s = torch.gather(valid_all, 1, perm)
-    k_s = torch.gather(kind_all, 1, perm)
-    i_s = torch.gather(idx_all, 1, perm)
-    last = (v_s.sum(1) - 1).clamp_min(0)
-    t_s = torch.where(v_s, t_s, torch.gather(t_s, 1, last[:, None]))
-    delta = torch.cat([torch.zeros_like(t_s[:, :1]), t_s[:, 1:] - t_s[:, :-1]], 1)
-
-    # per-slot payload
-    is_dose_ev = v_s & ((k_s == _DOSE) | (k_s == _END) | (k_s == _REC))
-    di = torch.where(is_dose_ev, i_s, torch.zeros_like(i_s)).clamp_max(max(d_dose - 1, 0))
-    oi = torch.where(v_s & (k_s == _OBS), i_s, torch.zeros_like(i_s)).clamp_max(max(j_obs - 1, 0))
-
-    def g(a, index):
-        return torch.gather(a, 1, index) if a.shape[1] else torch.zeros(index.shape, dtype=a.dtype, device=device)
-
-    is_rec = v_s & ((k_s == _OBS) | (k_s == _REC) | ((k_s == _DOSE) & (not lagged)))
-    rec_epoch = torch.where(k_s == _OBS, g(ev.obs_epoch, oi), g(ev.dose_epoch, di))
-    rec_epoch = torch.where(is_rec, rec_epoch, torch.full_like(rec_epoch, -1))
-    cur_epoch = torch.cummax(rec_epoch, 1).values  # epochs never decrease in data order
-    prev_epoch = torch.cat([torch.full_like(cur_epoch[:, :1], -1), cur_epoch[:, :-1]], 1)
-    reset = is_rec & (rec_epoch != prev_epoch) & (prev_epoch >= 0)
-    applies = v_s & ((k_s == _DOSE) | (k_s == _END)) & (g(ev.dose_epoch, di) == cur_epoch)
-    dose_ap = applies & (k_s == _DOSE)
-    end_ap = applies & (k_s == _END)
-    bolus_s = torch.where(dose_ap, g(bolus_d, di), torch.zeros_like(t_s))
-    r_s = g(rate_d, di)
-    drate_s = torch.where(dose_ap, r_s * (1 + g(n_prior, di)), torch.where(end_ap, -r_s, torch.zeros_like(r_s)))
-    route_s = g(route_state, di)
-    ss_s = torch.where(dose_ap, g(ss_d, di), torch.zeros_like(di))
-
-    # host-side flags: one synchronisation for the whole loop
-    flags = torch.stack([(delta.detach() > 0).any(0), reset.any(0), (bolus_s != 0).any(0),
-                         (drate_s != 0).any(0), (ss_s > 0).any(0)]).tolist()
-    integ = _Integrator(system, p, rtol, atol, method)
-    x = torch.zeros(n, s_, dtype=dtype, device=device)
-    u = torch.zeros(n, s_, dtype=dtype, device=device)
-    no_ss = torch.zeros(n, dtype=torch.bool, device=device)
-    out = []
-    for k in range(e_n):
-        if flags[0][k]:
-            x = integ.flow(x, u, t_s[:, k - 1], delta[:, k])
-        if flags[1][k]:
-            rs = reset[:, k, None]
-            x = torch.where(rs, torch.zeros_like(x), x)
-            u = torch.where(rs, torch.zeros_like(u), u)
-        if flags[2][k] or flags[3][k] or flags[4][k]:
-            onehot = torch.nn.functional.one_hot(route_s[:, k], s_).to(dtype)
-            if flags[4][k]:
-                ssk = ss_s[:, k]
-                dk = di[:, k:k + 1]
-                x_ss, ok = _periodic(integ, t_s[:, k], g(bolus_d, dk)[:, 0, None] * onehot,
-                                 g(rate_d, dk)[:, 0, None] * onehot, g(dur_d, dk)[:, 0], g(ii_d, dk)[:, 0],
-                                 ssk > 0, x)
-                x = torch.where((ssk == 1)[:, None], x_ss, torch.where((ssk == 2)[:, None], x + x_ss, x))
-                no_ss = no_ss | ~ok
-            if flags[2][k]:
-                x = x + bolus_s[:, k, None] * onehot
-            if flags[3][k]:
-                u = u + drate_s[:, k, None] * onehot
-        out.append(x[:, system.central])
+    sl = _sort_events(*_event_list(ev, doses, tlag, dtype))
+    act = _slot_actions(ev, doses, sl, tlag is not None)
+    out, no_ss = _run_events(_Integrator(system, p, rtol, atol, method), doses, sl, act)
     if not out:
         return torch.zeros(n, j_obs, dtype=dtype, device=device)
-    amounts = torch.stack(out, 1)
-    inv = torch.argsort(perm, dim=1)[:, :j_obs]
-    conc = torch.gather(amounts, 1, inv) / p[system.volume][:, None]
-    if bool(no_ss.any()):
-        warnings.warn(f"{int(no_ss.sum())} subject(s) reach no steady state (an accumulation ratio above 1e6 or "
-                      f"{_SS_MAX_INTERVALS} dosing intervals without convergence: input faster than the maximal "
-                      f"elimination?); their concentrations are NaN", RuntimeWarning, stacklevel=2)
-        conc = torch.where(no_ss[:, None], torch.full_like(conc, math.nan), conc)
-    return torch.where(ev.obs_mask, conc, torch.zeros_like(conc))
+    return _observed(torch.stack(out, 1), sl.perm, p[system.volume], no_ss, ev.obs_mask)

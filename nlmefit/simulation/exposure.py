@@ -29,6 +29,9 @@ import pandas as pd
 import torch
 
 from nlmefit.errors import ModelSpecError
+from nlmefit.models.structure import ClosedForm
+from nlmefit.simulation.concentrations import broadcasts, copies, slice_params
+from nlmefit.simulation.population import SimulatedPopulation
 
 __all__ = ["exposure_table", "pta", "METRICS"]
 
@@ -65,27 +68,24 @@ def _eval_times(data1, t0: float, t1: float, auc: str):
     return fine, (nodes.ravel(), weights.ravel())
 
 
-def exposure_table(model, p, data1, eta, cov_t, scale, interval, recs, trains=None, *, threshold=None, fu=1.0,
-                   auc="quadrature", chunk=10000) -> pd.DataFrame:
-    """Exposure metrics for the S simulated subjects of the one-subject template ``data1`` (module docstring)."""
-    from nlmefit.simulation.counterfactual import _slice_params, concentrations
-
+def exposure_table(pop: SimulatedPopulation, interval: tuple[float, float], *, threshold: float | None = None,
+                   fu: float = 1.0, auc: str = "quadrature", chunk: int = 10000) -> pd.DataFrame:
+    """Exposure metrics over ``interval`` for the S subjects of ``pop`` under its regimen (module docstring)."""
     if auc not in ("quadrature", "trapezoid"):
         raise ModelSpecError(f"auc must be 'quadrature' or 'trapezoid', got {auc!r}")
     if not 0 < fu <= 1:
         raise ModelSpecError(f"fu (unbound fraction) must be in (0, 1], got {fu}")
     t0, t1 = interval
-    fine, quad = _eval_times(data1, t0, t1, auc)
+    fine, quad = _eval_times(pop.data1, t0, t1, auc)
     times = fine if quad is None else np.concatenate([fine, quad[0]])
     n_f = len(fine)
-    s = eta.shape[0]
+    s = pop.n
     cols = {k: np.empty(s) for k in ("AUC", "CMAX", "TMAX", "CMIN", "CTROUGH")}
     if threshold is not None:
         cols["T_ABOVE"] = np.empty(s)
     for a in range(0, s, chunk):  # metrics chunk by chunk: the [S, T] concentrations are never held at once
         sl = slice(a, min(s, a + chunk))
-        conc = concentrations(model, _slice_params(p, sl), eta[sl], {k: v[sl] for k, v in cov_t.items()},
-                              None if scale is None else scale[sl], recs, times, trains, chunk)
+        conc = pop.rows(sl).concentrations(times, chunk)
         c_fine = conc[:, :n_f]
         cols["AUC"][sl] = np.trapezoid(c_fine, fine, axis=1) if quad is None else conc[:, n_f:] @ quad[1]
         k = np.argmax(conc, axis=1)
@@ -95,7 +95,7 @@ def exposure_table(model, p, data1, eta, cov_t, scale, interval, recs, trains=No
         cols["CTROUGH"][sl] = c_fine[:, -1]
         if threshold is not None:
             cols["T_ABOVE"][sl] = _time_above(fu * c_fine, fine, float(threshold))
-    out = {"AUC": cols["AUC"], "AUC_INF": _auc_inf(model, p, data1, eta, cov_t, scale), "CMAX": cols["CMAX"],
+    out = {"AUC": cols["AUC"], "AUC_INF": _auc_inf(pop), "CMAX": cols["CMAX"],
            "TMAX": cols["TMAX"], "CMIN": cols["CMIN"], "CTROUGH": cols["CTROUGH"], "CAVG": cols["AUC"] / (t1 - t0)}
     if threshold is not None:
         out["T_ABOVE"] = cols["T_ABOVE"]
@@ -105,17 +105,15 @@ def exposure_table(model, p, data1, eta, cov_t, scale, interval, recs, trains=No
     return df
 
 
-def _auc_inf(model, p, data1, eta, cov_t, scale) -> np.ndarray:
+def _auc_inf(pop: SimulatedPopulation) -> np.ndarray:
     """F·ΣDose/CL for linear closed-form models with ``cl``; NaN where not analytic."""
-    from nlmefit.models.structure import ClosedForm
-    from nlmefit.simulation.counterfactual import _broadcasts, _copies, _slice_params
-
+    model, eta = pop.model, pop.eta
     s = eta.shape[0]
     if not isinstance(model.structure, ClosedForm):
         return np.full(s, np.nan)
-    d = _copies(data1, cov_t, scale, s, _broadcasts(model))
+    d = copies(pop.data1, pop.cov_t, pop.scale, s, broadcasts(model))
     with torch.no_grad():
-        ind = model.individual_parameters(_slice_params(p, slice(0, s)), eta, d)
+        ind = model.individual_parameters(slice_params(pop.p, slice(0, s)), eta, d)
     if "cl" not in ind:
         return np.full(s, np.nan)
     def col(v: torch.Tensor) -> torch.Tensor:  # scalar, [S] or [S, 1] → [S]
