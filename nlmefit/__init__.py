@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch as _torch  # noqa: F401  (import order: torch before the modules that use it)
 
 from nlmefit import datasets
+from nlmefit._version import __version__
 from nlmefit.api import fit
 from nlmefit.errors import DataError, EstimationError, ModelSpecError
 from nlmefit.estimators import AGQ, FO, FOCE, FOCEI, SAEM, Laplace, get_estimator
@@ -17,7 +18,6 @@ from nlmefit.panel import Panel
 from nlmefit.results import FitResult
 from nlmefit.simulation import Regimen, simulate, simulate_regimens
 
-__version__ = "0.1.0"
 
 __all__ = [
     "DataError", "EstimationError", "ModelSpecError", "Panel", "Model", "Omega", "Param", "Params", "fix",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from nlmefit.estimators import get_estimator
+from nlmefit.likelihood import loglik
 
 __all__ = ["fit"]
 
@@ -10,7 +11,7 @@ def fit(model, data, method: str = "focei", init=None, seed: int | None = None,
         compute_loglik: str | None = None, loglik_options: dict | None = None, **options):
     """Fit ``model`` to ``data`` (DataFrame in NONMEM event format, or Panel) by ``method``.
 
-    ``method``: ``fo``, ``foce``, ``focei`` (default), ``laplace``, ``agq``, ``saem``; ``options`` go to the
+    ``method``: ``fo``, ``foce``, ``focei`` (default), ``laplace``, ``agq``, ``saem``, ``nuts``; ``options`` go to the
     estimator (e.g. ``covariance="sandwich"|"r"|"s"|None``, ``maxiter``, ``hessian`` for Laplace/AGQ,
     ``n_nodes`` for AGQ, ``n_explore``/``n_smooth`` for SAEM, ``device``).
     ``init``: a dict of starting values by reporting name (``{"cl": 2.0, "omega_cl": 0.1, "sigma_add": 0.5}``).
@@ -20,10 +21,8 @@ def fit(model, data, method: str = "focei", init=None, seed: int | None = None,
     """
     result = get_estimator(method, **options).fit(model, data, init=init, seed=seed)
     if compute_loglik is not None:
-        from nlmefit.likelihood import loglik
-
         opts = dict(loglik_options or {})
         if seed is not None:
             opts.setdefault("seed", seed)
-        loglik(result, method=compute_loglik, **opts)
+        result = result.with_likelihood(loglik(result, method=compute_loglik, **opts))
     return result

@@ -91,15 +91,14 @@ def _load_fit(result_dir: str):
         raise ModelSpecError(f"{result_dir}: no result.json (write one with `nlmefit fit ... --out DIR`)")
     with open(path) as fh:
         raw = json.load(fh)
-    prov = (raw.get("extra") or {}).get("cli")
+    prov = raw.get("source") or (raw.get("extra") or {}).get("cli")  # schema 1 kept it in "extra"
     if not prov:
         raise ModelSpecError(f"{path} was not written by `nlmefit fit` (no record of its data and model); load it "
                              f"in Python with FitResult.from_json(path, model=...) instead")
     df, _ = _read_data(prov["data"])
     model = _load_model(prov["model"], prov.get("error"), prov.get("dvid"))
     res = FitResult.from_dict(raw, model=model)
-    res.data = model.prepare(df, check_likelihood=False)
-    return res
+    return res.replace(data=model.prepare(df, check_likelihood=False))
 
 
 def cmd_validate(args) -> int:
@@ -279,6 +278,13 @@ def cmd_fit(args) -> int:
             bar.set_postfix(ofv=f"{ofv:.4f}")
 
     options = dict(progress=progress, device=args.device)
+    if args.method == "nuts":
+        options = dict(device=args.device, progress=not args.quiet)
+        for flag, key in (("chains", "num_chains"), ("draws", "num_samples"), ("warmup", "warmup_steps")):
+            if getattr(args, flag) is not None:
+                options[key] = getattr(args, flag)
+    elif any(getattr(args, f) is not None for f in ("chains", "draws", "warmup")):
+        raise ModelSpecError("--chains, --draws and --warmup apply to --method nuts")
     if args.no_cov:
         options["covariance"] = None
     if args.n_nodes is not None:
@@ -300,7 +306,7 @@ def cmd_fit(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data_spec = str(Path(args.data).resolve()) if os.path.exists(args.data) else args.data
-    result.extra["cli"] = {"data": data_spec, "model": model_name, "error": args.error, "dvid": dvid}
+    result = result.replace(source={"data": data_spec, "model": model_name, "error": args.error, "dvid": dvid})
     result.to_json(out / "result.json")
     _atomic_csv(result.summary().rename_axis("parameter").reset_index(), str(out / "summary.csv"))
     _atomic_csv(result.predictions, str(out / "predictions.csv"))
@@ -358,7 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--model", default=None, help="library name or path/file.py:object")
     f.add_argument("--error", default=None,
                    choices=["additive", "proportional", "combined1", "combined2", "exponential"])
-    f.add_argument("--method", default="focei", choices=["fo", "foce", "focei", "laplace", "agq", "saem"])
+    f.add_argument("--method", default="focei", choices=["fo", "foce", "focei", "laplace", "agq", "saem", "nuts"])
+    f.add_argument("--chains", type=int, default=None, help="NUTS chains (default 4)")
+    f.add_argument("--draws", type=int, default=None, help="NUTS draws per chain after warm-up (default 1000)")
+    f.add_argument("--warmup", type=int, default=None, help="NUTS warm-up steps per chain (default 1000)")
     f.add_argument("--loglik", default=None, choices=["is", "agq"],
                    help="add a marginal -2LL evaluation at the estimates (importance sampling or quadrature)")
     f.add_argument("--n-samples", type=int, default=None, help="importance samples per subject (default 2000)")

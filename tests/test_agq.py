@@ -8,7 +8,7 @@ import torch
 
 import linear_gaussian as lg
 import nlmefit
-from nlmefit.estimators.quadrature import gauss_hermite_grid
+from nlmefit.marginal.quadrature import gauss_hermite_grid
 from nlmefit.models.examples import wang2007
 
 ERRORS = ["proportional", "additive", "combined2", "combined1"]

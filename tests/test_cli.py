@@ -76,7 +76,7 @@ def test_fit_agq_with_an_is_evaluation(tmp_path, capsys):
     assert rc == 0
     d = json.loads((tmp_path / "result.json").read_text())
     assert d["method"] == "agq" and d["options"]["n_nodes"] == 2
-    lik = d["extra"]["likelihoods"]["is"]
+    lik = d["likelihoods"]["is"]
     assert lik["n_samples"] == 500 and lik["se"] > 0 and abs(lik["ofv"] - 118.12) < 0.5
     assert "-2LL by is" in capsys.readouterr().out
 
@@ -87,8 +87,8 @@ def test_fit_saem_reports_the_is_ofv(tmp_path):
     assert rc == 0
     d = json.loads((tmp_path / "result.json").read_text())
     assert d["method"] == "saem" and d["seed"] == 1
-    assert d["ofv"] == d["extra"]["likelihoods"]["is"]["ofv"] and abs(d["ofv"] - 118.1) < 1.0
-    assert len(d["extra"]["traces"]["data"]) == 300
+    assert d["ofv"] == d["likelihoods"]["is"]["ofv"] and abs(d["ofv"] - 118.1) < 1.0
+    assert len(d["traces"]["data"]) == 300
 
 
 def test_n_nodes_without_agq_is_refused(tmp_path, capsys):

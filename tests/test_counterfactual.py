@@ -9,6 +9,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import nlmefit  # noqa: E402
+from nlmefit.marginal import laplace_posterior  # noqa: E402
+from nlmefit.posteriors import seeded  # noqa: E402
 from nlmefit.simulation import plot_pta  # noqa: E402
 
 THETA = {"cl": 2.0, "v": 30.0, "ka": 1.2}
@@ -73,8 +75,6 @@ def test_observed_subject_counterfactual_reproduces_its_posterior_mean(theo_fit)
     """Subject 1 re-simulated under its own dose at its own times, residual error off: the mean over posterior
     draws (sampling-importance-resampling) equals E[f | y_1] from an independent importance sample within 5 MC
     standard errors."""
-    from nlmefit.estimators.importance import laplace_proposal
-
     df = nlmefit.datasets.load("theophylline")
     sub = df[df["ID"] == 1]
     amt = float(sub.loc[sub["AMT"] > 0, "AMT"].iloc[0])
@@ -86,9 +86,9 @@ def test_observed_subject_counterfactual_reproduces_its_posterior_mean(theo_fit)
     # independent E[f | y_1]: self-normalised IS with a different seed
     model, data = theo_fit.model, theo_fit.data
     p = model.parameters.params_from_dict(theo_fit.estimates.to_dict())
-    prop = laplace_proposal(model, p, data, df=4.0)
-    gen = torch.Generator().manual_seed(11)
-    eta = prop.sample(20000, gen)
+    prop = laplace_posterior(model, p, data, df=4.0)
+    with seeded(11):
+        eta = prop.sample((20000,))
     with torch.no_grad():
         lw = model.log_lik(p, eta, data) + model.log_prior(p, eta) - prop.log_prob(eta)
         w = torch.softmax(lw[:, 0], 0)

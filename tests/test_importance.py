@@ -6,7 +6,8 @@ import torch
 
 import linear_gaussian as lg
 import nlmefit
-from nlmefit.estimators.importance import Proposal, importance_loglik
+from nlmefit.marginal import importance_loglik, laplace_posterior
+from nlmefit.posteriors import GaussianPosterior
 from nlmefit.models.examples import pheno_real
 
 
@@ -22,7 +23,9 @@ def test_laplace_proposal_is_the_exact_posterior_for_a_linear_gaussian_model(lin
     np.testing.assert_allclose(ll.loglik_i, lg.exact_loglik(df), atol=1e-9)
     assert ll.se < 1e-6  # every weight equal
     np.testing.assert_allclose(ll.ess_i, 500, rtol=1e-9)
-    assert "is" in fit.likelihoods and fit.likelihoods["is"]["n_samples"] == 500
+    assert "is" not in fit.likelihoods  # loglik() returns a value and leaves the fit as it was
+    recorded = fit.with_likelihood(ll)
+    assert recorded.likelihoods["is"]["n_samples"] == 500 and recorded is not fit
 
 
 def test_t_proposal_is_unbiased_and_its_se_is_honest(line_fit):
@@ -43,12 +46,12 @@ def test_low_ess_warns_and_bad_requests_are_refused(line_fit):
     data, model = fit.data, fit.model
     p = model.parameters.params_from_dict(fit.estimates.to_dict())
     q = data.q
-    narrow = Proposal(torch.full((data.n_subjects, q), 3.0, dtype=torch.float64),
-                      0.05 * torch.eye(q, dtype=torch.float64).expand(data.n_subjects, q, q).clone())
+    narrow = GaussianPosterior(torch.full((data.n_subjects, q), 3.0, dtype=torch.float64),
+                               0.05 * torch.eye(q, dtype=torch.float64).expand(data.n_subjects, q, q).clone())
     with pytest.warns(UserWarning, match="effective sample size"):
         importance_loglik(model, p, data, narrow, n_samples=200)
-    with pytest.raises(ValueError, match="posterior draws"):
-        nlmefit.loglik(fit, "is", proposal="posterior")
+    with pytest.raises(ValueError, match="posterior"):
+        nlmefit.loglik(fit.replace(posterior=None), "is", proposal="posterior")
     with pytest.raises(nlmefit.ModelSpecError, match="proposal"):
         nlmefit.loglik(fit, "is", proposal="flow")
 
@@ -56,9 +59,8 @@ def test_low_ess_warns_and_bad_requests_are_refused(line_fit):
 def test_chunking_does_not_change_the_estimate(line_fit):
     _, fit = line_fit
     p = fit.model.parameters.params_from_dict(fit.estimates.to_dict())
-    from nlmefit.estimators.importance import laplace_proposal
 
-    prop = laplace_proposal(fit.model, p, fit.data, df=4.0)
+    prop = laplace_posterior(fit.model, p, fit.data, df=4.0)
     a = importance_loglik(fit.model, p, fit.data, prop, n_samples=300, seed=5, chunk=300)
     b = importance_loglik(fit.model, p, fit.data, prop, n_samples=300, seed=5, chunk=300)
     c = importance_loglik(fit.model, p, fit.data, prop, n_samples=300, seed=6, chunk=7)

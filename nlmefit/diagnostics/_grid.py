@@ -276,5 +276,5 @@ def grid_predictions(
             times[i] = time_grid(end, n_points, panel.dose_time[k][panel.dose_mask[k]])
     eta_hat = fit.individual_estimates[["ID"] + [c for c in fit.individual_estimates.columns
                                                  if str(c).startswith("ETA_")]]
-    p = fit.model.parameters.params_from_dict(fit.estimates.to_dict())
+    p = fit.population_parameters()
     return predict_on_grid(fit.model, p, rec, times, eta={"PRED": None, "IPRED": eta_hat}, ids=id_list)

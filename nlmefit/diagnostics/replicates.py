@@ -41,7 +41,7 @@ def fit_parts(fit: Any, data=None):
             raise ValueError("this FitResult carries no data (it was read from JSON?): pass data= (the DataFrame "
                              "or Panel that was fitted)")
     dev = mdata.y.device
-    p = model.parameters.params_from_dict(fit.estimates.to_dict(), dtype=mdata.y.dtype, device=dev)
+    p = fit.population_parameters(dtype=mdata.y.dtype, device=dev)
     return model, p, mdata
 
 

@@ -1,43 +1,86 @@
-"""Estimator base class and the registry that ``nlmefit.fit(..., method=NAME)`` dispatches through.
+"""The estimator contract and the registry that ``nlmefit.fit(..., method=NAME)`` dispatches through.
 
-An estimator is an object with its hyperparameters in ``__init__`` and ``fit(model, data, init=None) ->
-FitResult``. Adding one = one module defining a subclass decorated with ``@register("name")`` + tests.
+An estimator is an object with its hyperparameters in ``__init__`` (no work there) and
+
+    fit(model, data, init=None, seed=None) -> FitResult
+
+It talks to the model only through :class:`~nlmefit.models.protocol.LatentModel` (plus the capabilities it
+declares in ``requires``), and hands the result builder a :class:`~nlmefit.marginal.linearisation.Linearisation`
+— the (modes, per-subject −2 log L) pair that the covariance step, residuals and individual estimates use. The
+classical estimators' linearisation is their own objective; SAEM, NUTS and VEM pass the FOCE-I one.
+
+Adding an estimator = one module with a subclass decorated ``@register("name")`` + the contract test
+(``tests/test_estimator_contract.py`` runs every registry entry).
 """
 from __future__ import annotations
 
-from typing import Callable
+import abc
+from typing import Callable, ClassVar
+
+import torch
 
 from nlmefit.errors import ModelSpecError
+from nlmefit.marginal.linearisation import Linearisation
+from nlmefit.models.data import ObservationData
+from nlmefit.models.parameters import Params
+from nlmefit.models.protocol import LatentModel, check_latent_model
 
-__all__ = ["Estimator", "register", "get_estimator", "REGISTRY"]
+__all__ = ["Estimator", "register", "get_estimator", "REGISTRY", "COVARIANCE_KINDS"]
 
-REGISTRY: dict[str, type] = {}
+REGISTRY: dict[str, type["Estimator"]] = {}
+COVARIANCE_KINDS = (None, "sandwich", "r", "s")
 
 
-class Estimator:
-    name: str = "?"
+class Estimator(abc.ABC):
+    """Base class of every estimator (see the module docstring for the contract).
 
-    def fit(self, model, data, init=None):  # pragma: no cover - interface
-        raise NotImplementedError
+    Subclasses set ``requires`` (capability protocols the model must implement beyond LatentModel) and
+    implement :meth:`fit` and :attr:`linearisation`; ``device`` and ``covariance`` are common options."""
 
-    def bind(self, model, data, init=None):
-        """(model with ``init`` as its initial values, ModelData on ``self.device``): the common first step of
-        every ``fit``."""
-        from nlmefit.models.model import ModelData
-        from nlmefit.models.parameters import Params
+    name: ClassVar[str] = "?"
+    requires: ClassVar[tuple[type, ...]] = ()
+    device: str | torch.device | None = None
+    covariance: str | None = None
 
-        mdata = data if isinstance(data, ModelData) else model.prepare(data, device=getattr(self, "device", None))
+    @abc.abstractmethod
+    def fit(self, model: LatentModel, data, init: Params | dict | None = None, seed: int | None = None):
+        """Estimate the population parameters of ``model`` from ``data``; returns a FitResult."""
+
+    @property
+    @abc.abstractmethod
+    def linearisation(self) -> Linearisation:
+        """The (modes, per-subject −2 log L) strategy the result builder and the covariance step use."""
+
+    def bind(self, model: LatentModel, data, init: Params | dict | None = None) -> tuple[LatentModel,
+                                                                                         ObservationData]:
+        """(model with ``init`` as its initial values, its data on ``self.device``): the first step of every
+        ``fit``. Checks the model's capabilities against ``requires`` before any work."""
+        check_latent_model(model, self.requires)
+        if isinstance(data, ObservationData):
+            mdata = data
+        else:
+            mdata = model.prepare(data, device=self.device)
         if init is not None:
             p_init = init if isinstance(init, Params) else model.parameters.params_from_dict(init)
             model = model.with_initial(p_init)
         return model, mdata
 
     def options(self) -> dict:
+        """The hyperparameters, as given to ``__init__`` (public attributes)."""
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}
 
 
+def check_covariance(kind: str | None) -> str | None:
+    if kind not in COVARIANCE_KINDS:
+        raise ModelSpecError(f"covariance must be 'sandwich', 'r', 's' or None, got {kind!r}")
+    return kind
+
+
 def register(name: str) -> Callable[[type], type]:
+    """Class decorator: make an Estimator subclass available as ``method=name``."""
     def deco(cls: type) -> type:
+        if not (isinstance(cls, type) and issubclass(cls, Estimator)):
+            raise TypeError(f"@register({name!r}) needs an Estimator subclass, got {cls!r}")
         REGISTRY[name] = cls
         cls.name = name
         return cls
@@ -45,10 +88,13 @@ def register(name: str) -> Callable[[type], type]:
     return deco
 
 
+_ALIASES = {"foceinteraction": "focei", "focei": "focei"}
+
+
 def get_estimator(method: str, **options) -> Estimator:
-    key = method.lower().replace("-", "").replace("_", "")
-    aliases = {"foceinteraction": "focei", "fo": "fo", "foce": "foce", "focei": "focei", "laplace": "laplace", "agq": "agq", "saem": "saem"}
-    key = aliases.get(key, key)
+    """An estimator instance by registry name (case, ``-`` and ``_`` ignored), with ``options``."""
+    key = str(method).lower().replace("-", "").replace("_", "")
+    key = _ALIASES.get(key, key)
     if key not in REGISTRY:
         raise ModelSpecError(f"unknown estimation method {method!r}; available: {sorted(REGISTRY)}")
     try:

@@ -2,7 +2,7 @@
 
 Quasi-Newton (L-BFGS-B) in float64 on the unconstrained vector of :class:`~nlmefit.models.ParameterSet`, with
 exact gradients by autograd through the approximate −2 log L (η̂ enters by the implicit-function step of
-:mod:`nlmefit.estimators.objectives`). The modes are warm-started across evaluations. The objective is a sum over
+:mod:`nlmefit.marginal.approximations`). The modes are warm-started across evaluations. The objective is a sum over
 subject shards (``shard_size``), so memory per evaluation is bounded by the shard, not by N.
 """
 from __future__ import annotations
@@ -17,11 +17,13 @@ import scipy.optimize
 import torch
 
 from nlmefit.errors import EstimationError
-from nlmefit.estimators.base import Estimator
-from nlmefit.estimators.modes import find_modes
-from nlmefit.estimators.objectives import LOG_2PI, conditional_m2ll, conditional_objective, fo_m2ll
-from nlmefit.models.model import Model, ModelData
+from nlmefit.estimators.base import Estimator, check_covariance
+from nlmefit.marginal.approximations import LOG_2PI
+from nlmefit.marginal.linearisation import Conditional, Linearisation
+from nlmefit.models.data import ObservationData
 from nlmefit.models.parameters import Params
+from nlmefit.models.protocol import LatentModel
+from nlmefit.results.build import build_result
 
 __all__ = ["ClassicalEstimator"]
 
@@ -41,12 +43,10 @@ class ClassicalEstimator(Estimator):
         device: str | torch.device | None = None,
         progress: Callable[[int, float], None] | None = None,
     ) -> None:
-        if covariance not in (None, "sandwich", "r", "s"):
-            raise ValueError(f"covariance must be 'sandwich', 'r', 's' or None, got {covariance!r}")
         self.maxiter = maxiter
         self.gtol = gtol
         self.inner_tol = inner_tol
-        self.covariance = covariance
+        self.covariance = check_covariance(covariance)
         self.shard_size = shard_size
         self.device = device
         self._progress = progress
@@ -54,51 +54,42 @@ class ClassicalEstimator(Estimator):
     # ------------------------------------------------------------------ objective
     @property
     def method_key(self) -> str:
+        """The approximation's name (``fo``, ``foce``, ``focei``, ``laplace``, ``laplace_gn``)."""
         return self.approximation
 
-    def modes(self, model: Model, p: Params, data: ModelData, eta0: torch.Tensor) -> torch.Tensor:
-        """Conditional modes at ``p`` (zeros for FO)."""
-        if self.method_key == "fo":
-            return torch.zeros_like(eta0)
-        with torch.no_grad():
-            pd = p.detach()
-            var0 = model.predict(pd, torch.zeros_like(eta0), data)[1] if self.method_key == "foce" else None
-        lfun = conditional_objective(model, pd, data, self.method_key, var0)
-        res = find_modes(lfun, eta0, tol=self.inner_tol)
-        return res.eta
-
-    def subject_m2ll(self, model: Model, p: Params, data: ModelData, eta_hat: torch.Tensor) -> torch.Tensor:
-        """−2 log L_i (full constants) per subject, differentiable in p."""
-        if self.method_key == "fo":
-            return fo_m2ll(model, p, data)
-        return conditional_m2ll(model, p, data, eta_hat, self.method_key)
+    @property
+    def linearisation(self) -> Linearisation:
+        """This estimator's own objective as a strategy: its modes and per-subject −2 log L."""
+        return Conditional(self.method_key, self.inner_tol)
 
     def _shards(self, n: int):
         size = self.shard_size or n
         return [slice(s, min(s + size, n)) for s in range(0, n, size)]
 
-    def evaluate(self, model: Model, p: Params, data: ModelData, eta: torch.Tensor, backward_to=None):
+    def evaluate(self, model: LatentModel, p: Params, data: ObservationData, eta: torch.Tensor, backward_to=None,
+                 lin: Linearisation | None = None):
         """(sum of −2 log L_i, new modes); accumulates gradients into ``backward_to`` shard by shard."""
+        lin = lin or self.linearisation
         total = 0.0
         new_eta = torch.empty_like(eta)
         for sl in self._shards(data.n_subjects):
             d = data.index(sl)
-            e = self.modes(model, p, d, eta[sl])
+            e = lin.modes(model, p, d, eta[sl])
             new_eta[sl] = e
-            m2 = self.subject_m2ll(model, p, d, e).sum()
+            m2 = lin.subject_m2ll(model, p, d, e).sum()
             if backward_to is not None and m2.requires_grad and torch.isfinite(m2):
                 m2.backward(retain_graph=False)
             total += float(m2.detach())
         return total, new_eta
 
     # ------------------------------------------------------------------ fit
-    def fit(self, model: Model, data, init: Params | dict | None = None, seed: int | None = None):
-        from nlmefit.results.build import build_result
-
+    def fit(self, model: LatentModel, data, init: Params | dict | None = None, seed: int | None = None):
         t0 = time.perf_counter()
         if seed is not None:
             torch.manual_seed(seed)
         model, mdata = self.bind(model, data, init)
+        lin = self.linearisation
+        lin.check(model)
         pset = model.parameters
         dev = mdata.y.device
         p0 = pset.initial(torch.float64, dev)
@@ -111,7 +102,7 @@ class ClassicalEstimator(Estimator):
             ut = torch.tensor(u, dtype=torch.float64, device=dev, requires_grad=True)
             try:
                 p = pset.from_unconstrained(ut)
-                val, e = self.evaluate(model, p, mdata, state["eta"], backward_to=ut)
+                val, e = self.evaluate(model, p, mdata, state["eta"], backward_to=ut, lin=lin)
             except (torch.linalg.LinAlgError, RuntimeError) as err:
                 if "singular" not in str(err).lower() and "cholesky" not in str(err).lower() \
                         and not isinstance(err, torch.linalg.LinAlgError):
@@ -145,6 +136,6 @@ class ClassicalEstimator(Estimator):
             u_hat = u0
         with torch.no_grad():
             p_hat = pset.from_unconstrained(torch.tensor(u_hat, dtype=torch.float64, device=dev))
-        eta_hat = self.modes(model, p_hat, mdata, state["eta"])
-        return build_result(self, model, mdata, p_hat, eta_hat, n_iter=n_iter, converged=converged,
-                            messages=messages, elapsed=time.perf_counter() - t0, seed=seed)
+        eta_hat = lin.modes(model, p_hat, mdata, state["eta"])
+        return build_result(self, model, mdata, p_hat, eta_hat, linearisation=lin, n_iter=n_iter,
+                            converged=converged, messages=messages, elapsed=time.perf_counter() - t0, seed=seed)

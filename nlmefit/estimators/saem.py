@@ -37,14 +37,18 @@ import warnings
 from typing import Callable
 
 import numpy as np
+import pandas as pd
 import torch
 
 from nlmefit.errors import ModelSpecError
-from nlmefit.estimators.base import Estimator, register
-from nlmefit.estimators.foce import FOCEI
+from nlmefit.estimators.base import Estimator, check_covariance, register
 from nlmefit.estimators.mcmc import KERNELS, init_chains, mcmc_sweep
-from nlmefit.models.model import Model
+from nlmefit.marginal.evaluate import marginal_loglik
+from nlmefit.marginal.linearisation import Conditional, Linearisation
 from nlmefit.models.parameters import Omega, Params
+from nlmefit.models.protocol import LatentModel, Linearisable, MuReferenced
+from nlmefit.posteriors import EmpiricalPosterior
+from nlmefit.results.build import build_result
 
 __all__ = ["SAEM"]
 
@@ -56,7 +60,7 @@ def _project_omega(spec: Omega, stat: torch.Tensor, current: torch.Tensor) -> to
     out = torch.zeros_like(current)
     for b, blk in enumerate(spec.block_list):
         idx = torch.tensor([spec.names.index(n) for n in blk], device=current.device)
-        src = current if spec._fixed_blocks[b] else stat
+        src = current if spec.fixed_blocks[b] else stat
         out[idx.unsqueeze(-1), idx] = src[idx.unsqueeze(-1), idx]
     return 0.5 * (out + out.T)
 
@@ -114,8 +118,6 @@ class SAEM(Estimator):
         if ofv_method not in ("is", "agq"):
             raise ModelSpecError(f"ofv_method must be 'is' or 'agq' (the SAEM objective is not an OFV), "
                                  f"got {ofv_method!r}")
-        if covariance not in (None, "sandwich", "r", "s"):
-            raise ValueError(f"covariance must be 'sandwich', 'r', 's' or None, got {covariance!r}")
         self.n_explore = int(n_explore)
         self.n_smooth = int(n_smooth)
         self.step_exponent = float(step_exponent)
@@ -129,23 +131,26 @@ class SAEM(Estimator):
         self.n_samples = int(n_samples)
         self.proposal = proposal
         self.n_nodes = int(n_nodes)
-        self.covariance = covariance
+        self.covariance = check_covariance(covariance)
         self.device = device
         self._progress = progress
-        self._lin = FOCEI(covariance=covariance)
 
-    # the covariance step and the residual table use the FOCE-I linearisation at the SAEM estimates
-    def modes(self, model, p, data, eta0):
-        return self._lin.modes(model, p, data, eta0)
+    requires = (Linearisable,)
 
-    def subject_m2ll(self, model, p, data, eta_hat):
-        return self._lin.subject_m2ll(model, p, data, eta_hat)
+    @property
+    def linearisation(self) -> Linearisation:
+        """The covariance step, the residual table and the modes use FOCE-I at the SAEM estimates."""
+        return Conditional("focei")
+
+    @staticmethod
+    def _mu(model: LatentModel, p: Params, data) -> torch.Tensor:
+        """μ_i(θ) of a mu-referenced model; 0 (plain η sampling) for any other model."""
+        if isinstance(model, MuReferenced):
+            return model.mu_reference(p, data)
+        return torch.zeros(data.n_subjects, data.q, dtype=data.y.dtype, device=data.y.device)
 
     # ------------------------------------------------------------------ fit
-    def fit(self, model: Model, data, init: Params | dict | None = None, seed: int | None = None):
-        from nlmefit.likelihood import loglik_at
-        from nlmefit.results.build import build_result
-
+    def fit(self, model: LatentModel, data, init: Params | dict | None = None, seed: int | None = None):
         t0 = time.perf_counter()
         if seed is None:
             seed = int(np.random.SeedSequence().entropy % (2 ** 31))
@@ -154,17 +159,20 @@ class SAEM(Estimator):
         dev = mdata.y.device
         gen = torch.Generator(device=dev)
         gen.manual_seed(seed)
-        n, q, d = mdata.n_subjects, mdata.q, model.n_iiv
+        n, q, d = mdata.n_subjects, mdata.q, len(model.eta_names)
         n_chains = self.n_chains or max(1, math.ceil(200 / n))
         p = pset.initial(torch.float64, dev)
         cens = bool((mdata.cens[mdata.mask] != 0).any())
         sig_free = [k for k, s in pset.sigma.items() if not s.fixed]
-        closed_sigma = model.error.name in _CLOSED_SIGMA and not cens and len(sig_free) == 1
+        error_name = getattr(getattr(model, "error", None), "name", None)
+        closed_sigma = error_name in _CLOSED_SIGMA and not cens and len(sig_free) == 1
         th_free = [k for k, s in pset.theta.items() if not s.fixed]
-        n_u = pset.n_free
-        newton_idx = list(range(len(th_free)))
-        if sig_free and not closed_sigma:
-            newton_idx += list(range(n_u - len(sig_free), n_u))
+        # θ, the weights, and σ unless it has a closed form take the Newton step (indices by name: the
+        # unconstrained and natural vectors share their order)
+        newton_names = set(th_free) | set(pset.weight_names)
+        if not closed_sigma:
+            newton_names |= {f"sigma_{k}" for k in sig_free}
+        newton_idx = [i for i, nm in enumerate(pset.natural_names) if nm in newton_names]
         newton_idx_t = torch.tensor(newton_idx, dtype=torch.long, device=dev)
 
         state = init_chains(n_chains, torch.zeros(n, q, dtype=torch.float64, device=dev))
@@ -184,7 +192,7 @@ class SAEM(Estimator):
             u = pset.to_unconstrained(p_base).detach().clone()
             u = u.index_put((newton_idx_t,), v)
             pv = pset.from_unconstrained(u)
-            eta = psi - model.mu_reference(pv, mdata)
+            eta = psi - self._mu(model, pv, mdata)
             return model.log_lik(pv, eta, mdata) + model.log_prior(pv, eta, mdata.n_occ)
 
         P = len(newton_idx)
@@ -196,7 +204,7 @@ class SAEM(Estimator):
             # E-step
             state = mcmc_sweep(model, p, mdata, state, self.kernels, gen, adapt=explore, target=self.target_accept)
             with torch.no_grad():
-                mu_old = model.mu_reference(p, mdata)
+                mu_old = self._mu(model, p, mdata)
             psi = state.eta + mu_old  # [C, N, q]
             # M-step for θ (and σ of combined / censored models): one stochastic-approximation Newton step
             if P:
@@ -236,7 +244,7 @@ class SAEM(Estimator):
                     p = pset.from_unconstrained(u)
             with torch.no_grad():
                 p = p.detach()
-                mu = model.mu_reference(p, mdata)
+                mu = self._mu(model, p, mdata)
                 state.eta = psi - mu  # re-centre the chains on the new typical values
                 # stochastic approximation of the statistics
                 S2 = S2 + gamma * (torch.einsum("cnq,cnr->qr", psi, psi) / (n_chains * n) - S2)
@@ -247,8 +255,9 @@ class SAEM(Estimator):
                 if explore and self.anneal < 1:
                     new_omega = _anneal(new_omega, p.omega, self.anneal)
                 new_iov = p.omega_iov
-                if model.n_iov and mdata.n_occ:
-                    r = model.n_iov
+                n_iov = len(getattr(pset, "iov_names", []))
+                if n_iov and mdata.n_occ:
+                    r = n_iov
                     blocks = [om_full[d + j * r:d + (j + 1) * r, d + j * r:d + (j + 1) * r]
                               for j in range(mdata.n_occ)]
                     new_iov = _project_omega(pset.omega_iov, torch.stack(blocks).mean(0), p.omega_iov)
@@ -268,7 +277,7 @@ class SAEM(Estimator):
                     if explore and self.anneal < 1:
                         s2 = torch.maximum(s2, self.anneal * p.sigma[sname] ** 2)
                     sigma[sname] = torch.sqrt(s2)
-                p = Params(dict(p.theta), new_omega, sigma, new_iov)
+                p = Params(dict(p.theta), new_omega, sigma, new_iov, dict(p.weights))
                 if not explore and (k - self.n_explore) % keep_every == 0:
                     draws.append(state.eta.clone())
                 nat = pset.natural_dict(p)
@@ -278,27 +287,22 @@ class SAEM(Estimator):
 
         # final estimates, modes, OFV by IS/AGQ, result
         p_hat = p
-        post = torch.cat(draws[-self.keep_draws:], 0) if draws else state.eta.clone()
-        eta_hat = self.modes(model, p_hat, mdata, post.mean(0))
+        post = EmpiricalPosterior(torch.cat(draws[-self.keep_draws:], 0) if draws else state.eta.clone(), "saem")
+        lin = self.linearisation
+        eta_hat = lin.modes(model, p_hat, mdata, post.mean)
         converged, conv_msg = self._stability(np.asarray(trace_rows)[:, 1:], names, pset)
         if not converged:
             warnings.warn(f"saem: {conv_msg}", stacklevel=2)
-        lik = loglik_at(model, p_hat, mdata, method=self.ofv_method, n_samples=self.n_samples,
-                        proposal=self.proposal, draws=post if self.proposal == "posterior" else None,
-                        n_nodes=self.n_nodes, seed=seed, eta0=eta_hat)
-        extra = {
-            "traces": {"columns": ["iteration"] + names, "data": trace_rows},
-            "n_explore": self.n_explore,
-            "n_chains": n_chains,
-            "acceptance": state.acceptance(),
-        }
-        res = build_result(self, model, mdata, p_hat, eta_hat, n_iter=n_iter, converged=converged,
-                           messages=[conv_msg], elapsed=time.perf_counter() - t0, seed=seed, likelihood=lik,
-                           extra=extra, posterior_draws=post)
-        if res.covariance_message and self.covariance:
-            res.covariance_message = f"FOCE-I linearisation at the SAEM estimates: {res.covariance_message}"
-        res.elapsed_s = time.perf_counter() - t0
-        return res
+        lik = marginal_loglik(model, p_hat, mdata, method=self.ofv_method, n_samples=self.n_samples,
+                              proposal=self.proposal, posterior=post, n_nodes=self.n_nodes, seed=seed,
+                              eta0=eta_hat)
+        traces = pd.DataFrame(trace_rows, columns=["iteration"] + names).set_index("iteration")
+        res = build_result(self, model, mdata, p_hat, eta_hat, linearisation=lin, n_iter=n_iter,
+                           converged=converged, messages=[conv_msg], elapsed=time.perf_counter() - t0, seed=seed,
+                           likelihood=lik, traces=traces, phases={"explore": self.n_explore},
+                           acceptance=state.acceptance(), posterior=post,
+                           covariance_prefix="FOCE-I linearisation at the SAEM estimates: ")
+        return res.replace(elapsed_s=time.perf_counter() - t0)
 
     def _stability(self, tr: np.ndarray, names: list[str], pset) -> tuple[bool, str]:
         """Did the free parameters settle? Compare the last value with the value 20 % of the smoothing

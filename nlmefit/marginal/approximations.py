@@ -1,4 +1,4 @@
-"""Per-subject −2 log L approximations of FO, FOCE, FOCE-I and Laplace (full constants; see GUIDE §3).
+"""Per-subject −2 log L approximations of FO, FOCE, FOCE-I and Laplace (full constants).
 
 With l_i(η) = −log p(y_i | η, θ) − log p(η | θ) and its mode η̂_i, the conditional methods all read
 
@@ -26,9 +26,10 @@ import math
 import torch
 
 from nlmefit.errors import EstimationError
-from nlmefit.estimators.autodiff import grad_sep, hessian_sep, jacobian_sep
+from nlmefit.marginal.autodiff import grad_sep, hessian_sep, jacobian_sep
 from nlmefit.models.error import obs_loglik
-from nlmefit.models.model import Model, ModelData
+from nlmefit.models.data import ObservationData as ModelData
+from nlmefit.models.protocol import LatentModel as Model
 from nlmefit.models.parameters import Params
 
 __all__ = ["fo_m2ll", "conditional_objective", "conditional_m2ll", "laplace_pieces", "cholesky_logdet", "METHODS",
@@ -71,10 +72,10 @@ def conditional_objective(model: Model, p: Params, data: ModelData, method: str,
     """l_i(η) for the inner problem of ``method`` (a closure over θ)."""
 
     def l(eta: torch.Tensor) -> torch.Tensor:
-        f, var = model.predict(p, eta, data)
-        if method == "foce":
-            var = var0
-        ll = obs_loglik(data.y, f, var, data.mask, data.cens, data.limit).sum(-1)
+        if method != "foce":  # the model's own likelihood: all Laplace needs of a model
+            return -model.log_lik(p, eta, data) - model.log_prior(p, eta, data.n_occ)
+        f, _ = model.predict(p, eta, data)
+        ll = obs_loglik(data.y, f, var0, data.mask, data.cens, data.limit).sum(-1)
         return -ll - model.log_prior(p, eta, data.n_occ)
 
     return l
@@ -97,16 +98,17 @@ def laplace_pieces(model: Model, p: Params, data: ModelData, eta_hat: torch.Tens
     H_l = hessian_sep(g, e).detach()
     eta = e.detach() - torch.linalg.solve(H_l, g.unsqueeze(-1)).squeeze(-1)
 
-    f, var = model.predict(p, eta, data)
-    if method == "foce":
-        var = var0
-    m = data.mask
-    obs_ll = obs_loglik(data.y, f, var, m, data.cens, data.limit)
-    lval = -obs_ll.sum(-1) - model.log_prior(p, eta, data.n_occ)
     if method == "laplace":
+        lval = -model.log_lik(p, eta, data) - model.log_prior(p, eta, data.n_occ)
         gg = grad_sep(lval, eta, create_graph=True)
         H = hessian_sep(gg, eta, create_graph=True)
     else:
+        f, var = model.predict(p, eta, data)
+        if method == "foce":
+            var = var0
+        m = data.mask
+        obs_ll = obs_loglik(data.y, f, var, m, data.cens, data.limit)
+        lval = -obs_ll.sum(-1) - model.log_prior(p, eta, data.n_occ)
         unc = m & (data.cens == 0)
         V = torch.where(unc, var, torch.ones_like(var))
         G = jacobian_sep(f, eta)

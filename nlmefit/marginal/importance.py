@@ -15,7 +15,10 @@ Proposals (all centred per subject):
 * ``t`` — multivariate t with ``df`` degrees of freedom and the same location and scale (heavier tails: the
   safe default when the posterior may be skewed);
 * ``posterior`` — Gaussian (or t with ``df``) with the mean and covariance of posterior draws an estimator
-  produced (SAEM's chains; later VEM's q_i).
+  produced (SAEM's chains, NUTS), or any posterior family with ``rsample``/``log_prob`` (VEM's flows).
+
+A proposal is any ``torch.distributions.Distribution`` with batch shape [N] and event shape [q]
+(:mod:`nlmefit.posteriors`); the Laplace ones are built by :func:`nlmefit.marginal.laplace_posterior`.
 """
 from __future__ import annotations
 
@@ -27,91 +30,16 @@ import numpy as np
 import pandas as pd
 import torch
 
+from torch.distributions import Distribution
+
 from nlmefit.errors import EstimationError
-from nlmefit.estimators.autodiff import grad_sep, hessian_sep
-from nlmefit.estimators.modes import find_modes
-from nlmefit.estimators.objectives import LOG_2PI, conditional_objective
-from nlmefit.models.model import Model, ModelData
+from nlmefit.marginal.approximations import LOG_2PI
+from nlmefit.models.data import ObservationData
 from nlmefit.models.parameters import Params
+from nlmefit.models.protocol import LatentModel
+from nlmefit.posteriors.rng import seeded
 
-__all__ = ["Proposal", "LoglikEstimate", "laplace_proposal", "posterior_proposal", "importance_loglik"]
-
-
-@dataclass
-class Proposal:
-    """Per-subject location [N, q], covariance Cholesky factor [N, q, q], and t degrees of freedom (None: normal)."""
-
-    mean: torch.Tensor
-    chol: torch.Tensor
-    df: float | None = None
-    kind: str = "laplace"
-
-    def sample(self, k: int, generator: torch.Generator) -> torch.Tensor:
-        z = torch.randn(k, *self.mean.shape, generator=generator, dtype=self.mean.dtype, device=self.mean.device)
-        x = (self.chol @ z.unsqueeze(-1)).squeeze(-1)
-        if self.df is not None:
-            chi2 = torch._standard_gamma(torch.full((k, self.mean.shape[0], 1), self.df / 2, dtype=z.dtype,
-                                                    device=z.device), generator=generator) * 2
-            x = x * torch.sqrt(self.df / chi2)
-        return self.mean + x
-
-    def log_prob(self, eta: torch.Tensor) -> torch.Tensor:
-        q = self.mean.shape[-1]
-        diff = (eta - self.mean).unsqueeze(-1)
-        z = torch.linalg.solve_triangular(self.chol.expand(*eta.shape[:-1], q, q), diff, upper=False).squeeze(-1)
-        m = (z * z).sum(-1)
-        logdet = torch.log(torch.diagonal(self.chol, dim1=-2, dim2=-1)).sum(-1)
-        if self.df is None:
-            return -0.5 * (q * LOG_2PI + m) - logdet
-        v = self.df
-        return (math.lgamma((v + q) / 2) - math.lgamma(v / 2) - 0.5 * q * math.log(v * math.pi) - logdet
-                - 0.5 * (v + q) * torch.log1p(m / v))
-
-
-def laplace_proposal(model: Model, p: Params, data: ModelData, eta0: torch.Tensor | None = None,
-                     df: float | None = None, inflate: float = 1.0) -> Proposal:
-    """N(η̂_i, H_i⁻¹) (or t with ``df``) at the modes of −log p(y_i, η | θ) with its exact Hessian; subjects
-    whose exact Hessian is not positive definite fall back to the first-order (FOCE-I) one."""
-    p = p.detach()
-    if eta0 is None:
-        eta0 = torch.zeros(data.n_subjects, data.q, dtype=data.y.dtype, device=data.y.device)
-    lfun = conditional_objective(model, p, data, "laplace")
-    eta_hat = find_modes(lfun, eta0, tol=1e-9).eta
-    e = eta_hat.clone().requires_grad_(True)
-    with torch.enable_grad():
-        H = hessian_sep(grad_sep(lfun(e), e, create_graph=True), e).detach()
-    H = 0.5 * (H + H.transpose(-1, -2))
-    L, info = torch.linalg.cholesky_ex(H)
-    if bool((info != 0).any()):
-        from nlmefit.estimators.objectives import laplace_pieces
-
-        with torch.enable_grad():
-            _, _, H_gn = laplace_pieces(model, p, data, eta_hat, "laplace_gn")
-        H = torch.where((info != 0)[:, None, None], H_gn.detach(), H)
-        L, info = torch.linalg.cholesky_ex(H)
-        if bool((info != 0).any()):
-            i = int(torch.nonzero(info)[0])
-            raise EstimationError(f"ID {data.panel.ids[i]}: the curvature at the conditional mode is not positive "
-                                  f"definite; no Laplace proposal can be built")
-    # covariance H⁻¹ = L⁻ᵀ L⁻¹: its Cholesky factor from the inverse of Lᵀ
-    eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device).expand_as(L)
-    cov = torch.cholesky_inverse(L)
-    C = torch.linalg.cholesky(0.5 * (cov + cov.transpose(-1, -2)) * inflate ** 2 + 1e-300 * eye)
-    return Proposal(eta_hat, C, df, "laplace" if df is None else "t")
-
-
-def posterior_proposal(draws: torch.Tensor, df: float | None = None, inflate: float = 1.0) -> Proposal:
-    """Gaussian (or t) with each subject's posterior mean and covariance from draws [S, N, q]."""
-    if draws.dim() != 3 or draws.shape[0] < 2:
-        raise EstimationError("a 'posterior' proposal needs at least two posterior draws per subject")
-    mean = draws.mean(0)
-    c = draws - mean
-    cov = torch.einsum("snq,snr->nqr", c, c) / (draws.shape[0] - 1)
-    q = mean.shape[-1]
-    eye = torch.eye(q, dtype=cov.dtype, device=cov.device)
-    jitter = 1e-10 * torch.diagonal(cov, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)[:, None, None] * eye
-    L = torch.linalg.cholesky(cov * inflate ** 2 + jitter)
-    return Proposal(mean, L, df, "posterior")
+__all__ = ["LoglikEstimate", "importance_loglik"]
 
 
 @dataclass
@@ -162,26 +90,29 @@ class LoglikEstimate:
         return out
 
 
-def importance_loglik(model: Model, p: Params, data: ModelData, proposal: Proposal, n_samples: int = 2000,
-                      seed: int | None = 0, chunk: int | None = None, min_ess: float = 50.0) -> LoglikEstimate:
-    """log p(y_i | θ) for every subject by importance sampling from ``proposal`` (see the module docstring)."""
+def importance_loglik(model: LatentModel, p: Params, data: ObservationData, proposal: Distribution,
+                      n_samples: int = 2000, seed: int | None = 0, chunk: int | None = None,
+                      min_ess: float = 50.0) -> LoglikEstimate:
+    """log p(y_i | θ) for every subject by importance sampling from ``proposal`` (a Distribution with batch
+    shape [N] and event shape [q]; see the module docstring). ``seed`` makes the draws reproducible without
+    touching the caller's random state."""
     if n_samples < 2:
         raise ValueError(f"n_samples must be at least 2, got {n_samples}")
+    n = data.n_subjects
+    if tuple(proposal.batch_shape) != (n,) or tuple(proposal.event_shape) != (data.q,):
+        raise ValueError(f"the proposal must have batch shape [{n}] and event shape [{data.q}], got "
+                         f"{list(proposal.batch_shape)} and {list(proposal.event_shape)}")
     p = p.detach()
     dev = data.y.device
-    gen = torch.Generator(device=dev)
-    gen.manual_seed(int(seed) if seed is not None else int(torch.seed() % 2 ** 63))
     if chunk is None:  # keep one chunk's dose-by-observation superposition near 4M numbers
-        per_draw = data.y.numel() * max(1, int(data.events.dose_time.shape[-1]))
-        chunk = max(1, min(n_samples, 4_000_000 // per_draw))
-    n = data.n_subjects
+        chunk = max(1, min(n_samples, 4_000_000 // max(1, data.cost_per_draw())))
     lse_w = torch.full((n,), -math.inf, dtype=data.y.dtype, device=dev)
     lse_w2 = lse_w.clone()
     done = 0
-    with torch.no_grad():
+    with torch.no_grad(), seeded(seed if seed is not None else int(torch.seed() % 2 ** 63), dev):
         while done < n_samples:
             k = min(chunk, n_samples - done)
-            eta = proposal.sample(k, gen)
+            eta = proposal.sample((k,)).to(data.y.dtype)
             lw = model.log_lik(p, eta, data) + model.log_prior(p, eta, data.n_occ) - proposal.log_prob(eta)
             lw = torch.where(torch.isnan(lw), torch.full_like(lw, -math.inf), lw)
             lse_w = torch.logaddexp(lse_w, torch.logsumexp(lw, 0))
@@ -192,8 +123,8 @@ def importance_loglik(model: Model, p: Params, data: ModelData, proposal: Propos
     ratio = torch.exp(lse_w2 - 2 * lse_w)  # Σw²/(Σw)² = 1/ESS
     ess = 1.0 / ratio
     se = torch.sqrt(torch.clamp(K * ratio - 1.0, min=0.0) / K)
-    out = LoglikEstimate(np.asarray(data.panel.ids), loglik_i.cpu().numpy(), se.cpu().numpy(), ess.cpu().numpy(),
-                     n_samples, proposal.kind, data.n_uncensored)
+    out = LoglikEstimate(data.ids, loglik_i.cpu().numpy(), se.cpu().numpy(), ess.cpu().numpy(),
+                         n_samples, getattr(proposal, "kind", type(proposal).__name__), data.n_uncensored)
     if not np.all(np.isfinite(out.loglik_i)):
         i = int(np.flatnonzero(~np.isfinite(out.loglik_i))[0])
         raise EstimationError(f"importance sampling: no draw with a finite likelihood for ID {out.ids[i]}")

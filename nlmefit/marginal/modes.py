@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from nlmefit.estimators.autodiff import grad_sep, hessian_sep
+from nlmefit.marginal.autodiff import grad_sep, hessian_sep
 
 __all__ = ["ModeResult", "find_modes"]
 

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, replace
 from typing import Callable, Mapping
 
 import numpy as np
 import torch
 
 from nlmefit.errors import DataError, ModelSpecError
+from nlmefit.models.data import ModelData
 from nlmefit.models.error import LOG_2PI, ErrorModel, get_error_model, obs_loglik
 from nlmefit.models.formula import Term, parse_formula
 from nlmefit.models.parameters import Omega, Param, Params, ParameterSet
@@ -32,45 +32,6 @@ __all__ = ["Model", "ModelData"]
 
 ParamsFn = Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]],
                     Mapping[str, torch.Tensor]]
-
-
-@dataclass(frozen=True)
-class ModelData:
-    """A Panel bound to a model: padded tensors on one device, on the likelihood scale."""
-
-    panel: object
-    events: Events
-    y: torch.Tensor  # [N, J] transformed DV (0 at padding)
-    mask: torch.Tensor  # [N, J] bool: observation used by the likelihood
-    cens: torch.Tensor  # [N, J] int64
-    limit: torch.Tensor  # [N, J] transformed limit (0 where none)
-    cov: dict  # name -> [N, 1] or [N, J]
-    occ: torch.Tensor  # [N, J] int64
-    n_occ: int
-    q: int  # random effects per subject (IIV + n_occ * IOV)
-    per_obs: bool
-
-    @property
-    def n_subjects(self) -> int:
-        return int(self.y.shape[0])
-
-    @property
-    def n_obs(self) -> int:
-        return int(self.mask.sum())
-
-    @property
-    def n_uncensored(self) -> int:
-        return int((self.mask & (self.cens == 0)).sum())
-
-    def index(self, idx) -> "ModelData":
-        """The data of a subset (shard) of subjects."""
-        return replace(self, events=self.events.index(idx), y=self.y[idx], mask=self.mask[idx],
-                       cens=self.cens[idx], limit=self.limit[idx], cov={k: v[idx] for k, v in self.cov.items()},
-                       occ=self.occ[idx])
-
-    def with_mask(self, mask: torch.Tensor) -> "ModelData":
-        """Condition on a subset of observations (doses stay in)."""
-        return replace(self, mask=self.mask & mask)
 
 
 class Model:
@@ -235,9 +196,10 @@ class Model:
         if self.n_iov and n_occ < 1:
             raise ModelSpecError("the model has inter-occasion variability but the data has no OCC column")
         q = self.n_iiv + n_occ * self.n_iov
-        data = ModelData(panel, events, y, torch.as_tensor(mask_np, device=device),
-                         torch.as_tensor(cens_np, device=device), limit, cov,
-                         torch.as_tensor(panel.obs_occ, device=device, dtype=torch.int64), n_occ, q, per_obs)
+        data = ModelData(panel=panel, y=y, mask=torch.as_tensor(mask_np, device=device),
+                         cens=torch.as_tensor(cens_np, device=device), limit=limit, q=q, n_occ=n_occ,
+                         events=events, cov=cov, occ=torch.as_tensor(panel.obs_occ, device=device,
+                                                                     dtype=torch.int64), per_obs=per_obs)
         self._dry_run(data, check_likelihood)
         return data
 

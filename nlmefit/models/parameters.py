@@ -20,10 +20,11 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
+from torch.distributions import Transform, biject_to, constraints
 
 from nlmefit.errors import ModelSpecError
 
-__all__ = ["Param", "fix", "Omega", "Params", "ParameterSet"]
+__all__ = ["Param", "fix", "Omega", "Params", "ParameterSet", "transform_for"]
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,11 @@ class Omega:
     def block_list(self) -> list[tuple[str, ...]]:
         return list(self._blocks)
 
+    @property
+    def fixed_blocks(self) -> list[bool]:
+        """For each block of :attr:`block_list`, whether it is FIXED."""
+        return list(self._fixed_blocks)
+
 
 @dataclass
 class Params:
@@ -134,6 +140,7 @@ class Params:
     omega: torch.Tensor  # [..., q, q]
     sigma: dict[str, torch.Tensor]
     omega_iov: torch.Tensor | None = None  # [..., r, r]
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)  # tensor-valued parameters [..., *shape]
 
     def detach(self) -> "Params":
         return Params(
@@ -141,30 +148,57 @@ class Params:
             self.omega.detach(),
             {k: v.detach() for k, v in self.sigma.items()},
             None if self.omega_iov is None else self.omega_iov.detach(),
+            {k: v.detach() for k, v in self.weights.items()},
         )
+
+    def to(self, device=None, dtype=None) -> "Params":
+        """The same values on another device / dtype."""
+        def mv(v: torch.Tensor) -> torch.Tensor:
+            return v.to(device=device, dtype=dtype or v.dtype)
+        return Params({k: mv(v) for k, v in self.theta.items()}, mv(self.omega),
+                      {k: mv(v) for k, v in self.sigma.items()},
+                      None if self.omega_iov is None else mv(self.omega_iov),
+                      {k: mv(v) for k, v in self.weights.items()})
+
+
+def _module_weights(name: str, value) -> dict[str, torch.Tensor]:
+    """A tensor-valued parameter, or every parameter of an ``nn.Module`` as ``name.param`` (its initial values)."""
+    if isinstance(value, torch.nn.Module):
+        return {f"{name}.{k}": v.detach().clone() for k, v in value.named_parameters()}
+    if isinstance(value, (torch.Tensor, np.ndarray, list, tuple, float, int)):
+        t = torch.as_tensor(value, dtype=torch.float64).detach().clone()
+        if not bool(torch.isfinite(t).all()):
+            raise ModelSpecError(f"weights {name!r}: initial values must be finite")
+        return {name: t}
+    raise ModelSpecError(f"weights {name!r}: expected a tensor, an array or an nn.Module, got {type(value).__name__}")
+
+
+def _element_names(name: str, shape: torch.Size) -> list[str]:
+    if len(shape) == 0:
+        return [name]
+    return [f"{name}[{','.join(map(str, ix))}]" for ix in np.ndindex(*shape)]
+
+
+def transform_for(lower: float, upper: float) -> Transform:
+    """The bijection unconstrained → (lower, upper) of a scalar parameter: ``torch.distributions.biject_to``
+    of its constraint (identity, ``lower + exp(u)``, ``upper − exp(u)`` or an affine sigmoid)."""
+    if math.isinf(lower) and math.isinf(upper):
+        return biject_to(constraints.real)
+    if math.isinf(upper):
+        return biject_to(constraints.greater_than(lower))
+    if math.isinf(lower):
+        return biject_to(constraints.less_than(upper))
+    return biject_to(constraints.interval(lower, upper))
 
 
 def _fwd(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     """natural -> unconstrained"""
-    if math.isinf(lo) and math.isinf(hi):
-        return x
-    if math.isinf(hi):
-        return torch.log(x - lo)
-    if math.isinf(lo):
-        return torch.log(hi - x)
-    z = (x - lo) / (hi - lo)
-    return torch.log(z) - torch.log1p(-z)
+    return transform_for(lo, hi).inv(x)
 
 
 def _inv(u: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     """unconstrained -> natural"""
-    if math.isinf(lo) and math.isinf(hi):
-        return u
-    if math.isinf(hi):
-        return lo + torch.exp(u)
-    if math.isinf(lo):
-        return hi - torch.exp(u)
-    return lo + (hi - lo) * torch.sigmoid(u)
+    return transform_for(lo, hi)(u)
 
 
 class ParameterSet:
@@ -176,8 +210,12 @@ class ParameterSet:
         omega: Omega,
         sigma: Mapping[str, Param],
         omega_iov: Omega | None = None,
+        weights: Mapping[str, object] | None = None,
     ) -> None:
         self.theta = {k: _as_param(f"theta {k}", v) for k, v in theta.items()}
+        self.weights: dict[str, torch.Tensor] = {}
+        for k, v in (weights or {}).items():
+            self.weights.update(_module_weights(k, v))
         self.sigma = {}
         for k, v in sigma.items():
             p = _as_param(f"sigma {k}", v, lower=0.0)
@@ -187,9 +225,9 @@ class ParameterSet:
             self.sigma[k] = p
         self.omega = omega
         self.omega_iov = omega_iov
-        clash = set(self.theta) & set(self.sigma)
+        clash = (set(self.theta) & set(self.sigma)) | (set(self.weights) & (set(self.theta) | set(self.sigma)))
         if clash:
-            raise ModelSpecError(f"names used for both theta and sigma: {sorted(clash)}")
+            raise ModelSpecError(f"names used twice among theta, sigma and weights: {sorted(clash)}")
 
     # ---------------------------------------------------------------- names
     @property
@@ -221,7 +259,17 @@ class ParameterSet:
         if self.omega_iov is not None:
             names += [e[0] for e in self._omega_entries(self.omega_iov, "omega_iov")]
         names += [f"sigma_{k}" for k, p in self.sigma.items() if not p.fixed]
+        names += self.weight_names
         return names
+
+    @property
+    def weight_names(self) -> list[str]:
+        """Reporting names of the elements of the tensor-valued parameters (``W[0,1]``), in vector order."""
+        return [n for k, v in self.weights.items() for n in _element_names(k, v.shape)]
+
+    @property
+    def n_weights(self) -> int:
+        return sum(int(v.numel()) for v in self.weights.values())
 
     @property
     def n_free(self) -> int:
@@ -235,6 +283,7 @@ class ParameterSet:
             torch.tensor(self.omega.matrix(), **kw),
             {k: torch.tensor(p.init, **kw) for k, p in self.sigma.items()},
             None if self.omega_iov is None else torch.tensor(self.omega_iov.matrix(), **kw),
+            {k: v.to(**kw) for k, v in self.weights.items()},
         )
 
     def with_values(self, params: Params) -> "ParameterSet":
@@ -254,7 +303,8 @@ class ParameterSet:
             return Omega(var, blocks=[b for b in spec.block_list if len(b) > 1], cov=cov, fixed=fixed)
 
         iov = None if self.omega_iov is None else om(self.omega_iov, params.omega_iov)
-        return ParameterSet(th, om(self.omega, params.omega), sg, iov)
+        w = {k: params.weights.get(k, v).detach().to("cpu", torch.float64) for k, v in self.weights.items()}
+        return ParameterSet(th, om(self.omega, params.omega), sg, iov, w)
 
     # ---------------------------------------------------------------- unconstrained map (estimation)
     def _omega_to_u(self, om: Omega, mat: torch.Tensor) -> list[torch.Tensor]:
@@ -298,9 +348,11 @@ class ParameterSet:
             parts += self._omega_to_u(self.omega_iov, params.omega_iov)
         parts += [_fwd(params.sigma[k], p.lower, p.upper) for k, p in self.sigma.items() if not p.fixed]
         like = params.omega
-        if not parts:
+        scal = [torch.as_tensor(x, dtype=like.dtype, device=like.device) for x in parts]
+        flat = [params.weights[k].to(like.dtype).reshape(-1) for k in self.weights]
+        if not scal and not flat:
             return torch.zeros(0, dtype=like.dtype, device=like.device)
-        return torch.stack([torch.as_tensor(x, dtype=like.dtype, device=like.device) for x in parts])
+        return torch.cat(([torch.stack(scal)] if scal else []) + flat)
 
     def from_unconstrained(self, u: torch.Tensor) -> Params:
         kw = dict(dtype=u.dtype, device=u.device)
@@ -323,7 +375,11 @@ class ParameterSet:
             else:
                 sigma[k] = _inv(u[pos], p.lower, p.upper)
                 pos += 1
-        return Params(theta, omega, sigma, omega_iov)
+        weights = {}
+        for k, v in self.weights.items():
+            weights[k] = u[pos:pos + v.numel()].reshape(v.shape)
+            pos += v.numel()
+        return Params(theta, omega, sigma, omega_iov, weights)
 
     # ---------------------------------------------------------------- natural map (covariance step)
     def to_natural_vector(self, params: Params) -> torch.Tensor:
@@ -333,9 +389,11 @@ class ParameterSet:
             vals += [params.omega_iov[i, j] for _, i, j, _ in self._omega_entries(self.omega_iov, "omega_iov")]
         vals += [params.sigma[k] for k, p in self.sigma.items() if not p.fixed]
         like = params.omega
-        if not vals:
+        scal = [torch.as_tensor(v, dtype=like.dtype, device=like.device) for v in vals]
+        flat = [params.weights[k].to(like.dtype).reshape(-1) for k in self.weights]
+        if not scal and not flat:
             return torch.zeros(0, dtype=like.dtype, device=like.device)
-        return torch.stack([torch.as_tensor(v, dtype=like.dtype, device=like.device) for v in vals])
+        return torch.cat(([torch.stack(scal)] if scal else []) + flat)
 
     def from_natural_vector(self, x: torch.Tensor) -> Params:
         """Inverse of ``to_natural_vector``. ``x`` may have leading batch dims ([..., n_free])."""
@@ -377,7 +435,11 @@ class ParameterSet:
             else:
                 sigma[k] = x[..., pos]
                 pos += 1
-        return Params(theta, omega, sigma, omega_iov)
+        weights = {}
+        for k, v in self.weights.items():
+            weights[k] = x[..., pos:pos + v.numel()].reshape(*batch, *v.shape)
+            pos += v.numel()
+        return Params(theta, omega, sigma, omega_iov, weights)
 
     def natural_dict(self, params: Params) -> dict[str, float]:
         """Every parameter (fixed ones included) by its reporting name, as floats."""
@@ -388,6 +450,9 @@ class ParameterSet:
             for name, i, j, _ in self._all_entries(self.omega_iov, "omega_iov"):
                 out[name] = float(params.omega_iov[i, j])
         out.update({f"sigma_{k}": float(params.sigma[k]) for k in self.sigma})
+        for k in self.weights:
+            v = params.weights[k].detach().cpu().reshape(-1).tolist()
+            out.update(zip(_element_names(k, self.weights[k].shape), v))
         return out
 
     def fixed_names(self) -> set[str]:
@@ -395,7 +460,7 @@ class ParameterSet:
         every = [k for k in self.theta] + [e[0] for e in self._all_entries(self.omega, "omega")]
         if self.omega_iov is not None:
             every += [e[0] for e in self._all_entries(self.omega_iov, "omega_iov")]
-        every += [f"sigma_{k}" for k in self.sigma]
+        every += [f"sigma_{k}" for k in self.sigma] + self.weight_names
         return {n for n in every if n not in free}
 
     def _all_entries(self, om: Omega, prefix: str):
@@ -426,4 +491,6 @@ class ParameterSet:
             return m
 
         iov = mat(self.omega_iov, "omega_iov") if self.omega_iov is not None else None
-        return Params(theta, mat(self.omega, "omega"), sigma, iov)
+        weights = {k: torch.tensor([base[n] for n in _element_names(k, v.shape)], **kw).reshape(v.shape)
+                   for k, v in self.weights.items()}
+        return Params(theta, mat(self.omega, "omega"), sigma, iov, weights)

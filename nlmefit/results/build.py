@@ -1,97 +1,148 @@
-"""Assemble a :class:`FitResult` from an estimator's optimum: OFV, covariance step, η̂, predictions, shrinkage."""
+"""Assemble a :class:`FitResult` from an estimator's optimum: OFV, covariance step, η̂, predictions, shrinkage.
+
+The estimator hands over its :class:`~nlmefit.marginal.linearisation.Linearisation` (modes and per-subject
+−2 log L); nothing here knows which estimator ran. Parts that need an optional model capability (the residual
+table needs :class:`~nlmefit.models.protocol.Linearisable` and an error model, the individual-parameter table
+:class:`~nlmefit.models.protocol.HasIndividualParameters`) are left out for models without it.
+"""
 from __future__ import annotations
 
 import platform
 import warnings
+from typing import Mapping
 
 import numpy as np
 import pandas as pd
+import scipy
 import torch
 
-from nlmefit.estimators.objectives import LOG_2PI
+from nlmefit._version import __version__
+from nlmefit.errors import EstimationError, ModelSpecError
+from nlmefit.marginal.approximations import LOG_2PI
+from nlmefit.marginal.importance import LoglikEstimate
+from nlmefit.marginal.laplace import laplace_posterior
+from nlmefit.marginal.linearisation import Linearisation
+from nlmefit.models.protocol import HasIndividualParameters, Linearisable
 from nlmefit.results.covariance import covariance_step
 from nlmefit.results.fit_result import FitResult
 from nlmefit.results.residuals import prediction_table
 
-__all__ = ["build_result", "versions"]
+__all__ = ["build_result", "versions", "individual_table"]
 
 
 def versions() -> dict:
-    import scipy
-
-    from nlmefit import __version__
-
     return {"nlmefit": __version__, "torch": torch.__version__, "numpy": np.__version__,
             "scipy": scipy.__version__, "pandas": pd.__version__, "python": platform.python_version()}
 
 
-def individual_table(model, p, data, eta_hat) -> pd.DataFrame:
-    with torch.no_grad():
-        ind = model.individual_parameters(p.detach(), eta_hat, data)
-    cols = {"ID": np.asarray(data.panel.ids)}
+def _eta_labels(model, data) -> list[str]:
     names = list(model.eta_names)
+    iov = list(getattr(model.parameters, "iov_names", []))
     for k in range(data.n_occ):
-        names += [f"{n}_occ{k + 1}" for n in model.parameters.iov_names]
+        names += [f"{n}_occ{k + 1}" for n in iov]
+    return names
+
+
+def individual_table(model, p, data, eta_hat, posterior=None) -> pd.DataFrame:
+    """ID, ETA_<name> (the conditional modes), the individual parameters where the model names them, and the
+    posterior mean and SD of each η when the posterior is a set of draws."""
+    cols = {"ID": data.ids}
+    names = _eta_labels(model, data)
     for k, n in enumerate(names):
-        cols[f"ETA_{n}"] = eta_hat[:, k].cpu().numpy()
-    for k, v in ind.items():
-        v = v.detach()
-        v = v.expand(data.n_subjects, v.shape[-1] if v.dim() else 1)
-        cols[k] = v[:, 0].cpu().numpy()  # value at the first observation when per-observation
+        cols[f"ETA_{n}"] = eta_hat[:, k].detach().cpu().numpy()
+    if isinstance(model, HasIndividualParameters):
+        with torch.no_grad():
+            ind = model.individual_parameters(p.detach(), eta_hat, data)
+        for k, v in ind.items():
+            v = v.detach()
+            v = v.expand(data.n_subjects, v.shape[-1] if v.dim() else 1)
+            cols[k] = v[:, 0].cpu().numpy()  # value at the first observation when per-observation
+    draws = getattr(posterior, "draws", None)
+    if draws is not None:
+        mean, sd = draws.mean(0).cpu().numpy(), draws.std(0).cpu().numpy()
+        for k, n in enumerate(names):
+            cols[f"POSTMEAN_{n}"] = mean[:, k]
+            cols[f"POSTSD_{n}"] = sd[:, k]
     return pd.DataFrame(cols)
 
 
-def build_result(estimator, model, data, p_hat, eta_hat, *, n_iter, converged, messages, elapsed, seed,
-                 likelihood=None, extra=None, posterior_draws=None):
-    """``likelihood`` (a :class:`~nlmefit.estimators.importance.LoglikEstimate`), when given, supplies the
-    reported OFV instead of the estimator's own objective (SAEM: its objective is not an OFV)."""
-    pset = model.parameters
-    extra = dict(extra or {})
-    if likelihood is not None:
-        m2ll = likelihood.m2ll
-        extra.setdefault("likelihoods", {})[likelihood.method] = likelihood.summary()
-    else:
-        with torch.enable_grad():
-            m2 = estimator.subject_m2ll(model, p_hat, data, eta_hat).detach()
-        m2ll = float(m2.sum())
-    ofv = m2ll - data.n_uncensored * LOG_2PI
-    estimates = pd.Series(pset.natural_dict(p_hat), dtype=float)
-    cov_df, cov_ok, cov_msg, cond, kind = None, False, "not requested", None, estimator.covariance
-    if estimator.covariance and pset.n_free:
-        try:
-            cs = covariance_step(estimator, model, data, p_hat, eta_hat, kind=estimator.covariance)
-            cov_ok, cov_msg = cs.ok, cs.message
-            if cs.cov is not None:
-                cov_df = pd.DataFrame(cs.cov, index=cs.names, columns=cs.names)
-                cond = cs.condition_number
-            else:
-                warnings.warn(f"covariance step failed: {cs.message}", stacklevel=3)
-        except (torch.linalg.LinAlgError, RuntimeError) as err:
-            cov_msg = f"covariance step failed: {err}"
-            warnings.warn(cov_msg, stacklevel=3)
-    preds = prediction_table(model, p_hat, data, eta_hat)
-    ind = individual_table(model, p_hat, data, eta_hat)
-    if posterior_draws is not None:
-        names = [c[4:] for c in ind.columns if c.startswith("ETA_")]
-        mean = posterior_draws.mean(0).cpu().numpy()
-        sd = posterior_draws.std(0).cpu().numpy()
-        for k, n in enumerate(names):
-            ind[f"POSTMEAN_{n}"] = mean[:, k]
-            ind[f"POSTSD_{n}"] = sd[:, k]
+def _covariance(lin: Linearisation, model, data, p_hat, eta_hat, kind: str | None, prefix: str):
+    """(cov DataFrame | None, ok, message, condition number)."""
+    if not kind or not model.parameters.n_free:
+        return None, False, "not requested", None
+    try:
+        lin.check(model)
+        cs = covariance_step(lin, model, data, p_hat, eta_hat, kind=kind)
+    except ModelSpecError as err:
+        return None, False, f"{prefix}not run: {err}", None
+    except (torch.linalg.LinAlgError, RuntimeError) as err:
+        msg = f"{prefix}covariance step failed: {err}"
+        warnings.warn(msg, stacklevel=4)
+        return None, False, msg, None
+    if cs.cov is None:
+        warnings.warn(f"{prefix}covariance step failed: {cs.message}", stacklevel=4)
+        return None, False, prefix + cs.message, None
+    return pd.DataFrame(cs.cov, index=cs.names, columns=cs.names), cs.ok, prefix + cs.message, cs.condition_number
+
+
+def _default_posterior(model, p_hat, data, eta_hat):
+    """The Laplace posterior at the estimates (None where the curvature is not positive definite)."""
+    try:
+        return laplace_posterior(model, p_hat, data, eta0=eta_hat.detach())
+    except (EstimationError, torch.linalg.LinAlgError, RuntimeError):
+        return None
+
+
+def _shrinkage(model, p_hat, data, eta_hat, preds):
     om = torch.diagonal(p_hat.omega.detach()).cpu().numpy()
-    eta_np = eta_hat[:, : model.n_iiv].cpu().numpy()
+    eta_np = eta_hat[:, : len(model.eta_names)].detach().cpu().numpy()
     with np.errstate(divide="ignore", invalid="ignore"):
         shr = 1 - eta_np.std(axis=0, ddof=1) / np.sqrt(om) if data.n_subjects > 1 else np.full(len(om), np.nan)
-    iw = preds["IWRES"].to_numpy()
-    iw = iw[np.isfinite(iw)]
-    eps_shr = float(1 - iw.std(ddof=1)) if iw.size > 1 else None
+    eps_shr = None
+    if preds is not None:
+        iw = preds["IWRES"].to_numpy()
+        iw = iw[np.isfinite(iw)]
+        eps_shr = float(1 - iw.std(ddof=1)) if iw.size > 1 else None
+    return pd.Series(shr, index=list(model.eta_names)), eps_shr
+
+
+def build_result(estimator, model, data, p_hat, eta_hat, *, linearisation: Linearisation, n_iter: int,
+                 converged: bool, messages: list[str], elapsed: float, seed: int | None,
+                 likelihood: LoglikEstimate | None = None, traces: pd.DataFrame | None = None,
+                 phases: Mapping[str, int] | None = None, acceptance: Mapping[str, float] | None = None,
+                 mcmc: pd.DataFrame | None = None, posterior=None, covariance_prefix: str = "") -> FitResult:
+    """The FitResult of ``estimator`` at ``p_hat`` (modes ``eta_hat``).
+
+    ``likelihood``, when given, supplies the reported OFV instead of ``linearisation``'s −2 log L (SAEM, NUTS:
+    their objective is not an OFV). ``covariance_prefix`` says whose linearisation the covariance step used
+    when it is not the estimator's own objective."""
+    pset = model.parameters
+    likelihoods = {}
+    if likelihood is not None:
+        m2ll = likelihood.m2ll
+        likelihoods[likelihood.method] = likelihood.summary()
+    else:
+        with torch.enable_grad():
+            m2ll = float(linearisation.subject_m2ll(model, p_hat, data, eta_hat).detach().sum())
+    cov_df, cov_ok, cov_msg, cond = _covariance(linearisation, model, data, p_hat, eta_hat,
+                                                estimator.covariance, covariance_prefix)
+    preds = None
+    if isinstance(model, Linearisable) and hasattr(model, "error") and hasattr(data, "events"):
+        preds = prediction_table(model, p_hat, data, eta_hat)
+    if posterior is None:
+        posterior = _default_posterior(model, p_hat, data, eta_hat)
+    eta_shr, eps_shr = _shrinkage(model, p_hat, data, eta_hat, preds)
     return FitResult(
-        method=estimator.name, options=estimator.options(), estimates=estimates,
-        fixed=sorted(pset.fixed_names()), ofv=ofv, loglik=-m2ll / 2, n_subjects=data.n_subjects,
-        n_obs=data.n_obs, n_estimated=pset.n_free, converged=converged, n_iter=n_iter, elapsed_s=elapsed,
-        messages=messages, seed=seed, versions=versions(), model_name=model.name, eta_names=model.eta_names,
-        covariance=cov_df, covariance_ok=cov_ok, covariance_kind=kind, covariance_message=cov_msg,
-        condition_number=cond, individual_estimates=ind, predictions=preds,
-        eta_shrinkage=pd.Series(shr, index=model.eta_names), epsilon_shrinkage=eps_shr, model=model,
-        extra=extra, data=data, posterior_draws=posterior_draws,
+        method=estimator.name, options=estimator.options(), estimates=pd.Series(pset.natural_dict(p_hat),
+                                                                                dtype=float),
+        fixed=sorted(pset.fixed_names()), ofv=m2ll - data.n_uncensored * LOG_2PI, loglik=-m2ll / 2,
+        n_subjects=data.n_subjects, n_obs=data.n_obs, n_estimated=pset.n_free, converged=converged,
+        n_iter=n_iter, elapsed_s=elapsed, messages=list(messages), seed=seed, versions=versions(),
+        model_name=getattr(model, "name", type(model).__name__), eta_names=list(model.eta_names),
+        covariance=cov_df, covariance_ok=cov_ok, covariance_kind=estimator.covariance, covariance_message=cov_msg,
+        condition_number=cond, individual_estimates=individual_table(model, p_hat, data, eta_hat, posterior),
+        predictions=preds, eta_shrinkage=eta_shr, epsilon_shrinkage=eps_shr, likelihoods=likelihoods,
+        traces=traces, phases=dict(phases or {}), acceptance=dict(acceptance or {}), mcmc=mcmc,
+        weights={k: v.detach().cpu() for k, v in p_hat.weights.items()}, model=model, data=data,
+        posterior=posterior,
     )

@@ -46,7 +46,10 @@ class CovarianceStep:
         return float(w.max() / w.min())
 
 
-def covariance_step(estimator, model, data, p_hat, eta_hat, kind: str = "sandwich", rel_step: float = 1e-4):
+def covariance_step(linearisation, model, data, p_hat, eta_hat, kind: str = "sandwich",
+                    rel_step: float = 1e-4) -> CovarianceStep:
+    """R, S and the requested covariance of the free natural parameters, for the approximation
+    ``linearisation`` (a :class:`~nlmefit.marginal.linearisation.Linearisation`) at ``p_hat``."""
     pset = model.parameters
     names = pset.natural_names
     x0 = pset.to_natural_vector(p_hat).detach()
@@ -56,8 +59,8 @@ def covariance_step(estimator, model, data, p_hat, eta_hat, kind: str = "sandwic
     def grad_at(x: torch.Tensor) -> np.ndarray:
         xt = x.clone().requires_grad_(True)
         p = pset.from_natural_vector(xt)
-        eta = estimator.modes(model, p, data, state["eta"])
-        m2 = estimator.subject_m2ll(model, p, data, eta).sum() / 2
+        eta = linearisation.modes(model, p, data, state["eta"])
+        m2 = linearisation.subject_m2ll(model, p, data, eta).sum() / 2
         (g,) = torch.autograd.grad(m2, xt)
         return g.detach().cpu().numpy()
 
@@ -71,7 +74,7 @@ def covariance_step(estimator, model, data, p_hat, eta_hat, kind: str = "sandwic
     # per-subject gradients: one copy of the parameters per subject
     X = x0.expand(data.n_subjects, n_par).clone().requires_grad_(True)
     p_rep = pset.from_natural_vector(X)
-    m2 = estimator.subject_m2ll(model, p_rep, data, eta_hat) / 2
+    m2 = linearisation.subject_m2ll(model, p_rep, data, eta_hat) / 2
     (G,) = torch.autograd.grad(m2.sum(), X)
     G = G.detach().cpu().numpy()
     S = G.T @ G

@@ -1,6 +1,11 @@
 """FitResult: what a fit produced, as data (estimates, uncertainty, individual estimates, predictions, provenance).
 
-It never re-runs a fit. Field names follow what pharmacometricians expect (pharmpy's ``ModelfitResults``:
+It never re-runs a fit and is immutable in use: operations that add information (``with_likelihood``,
+``replace``) return a new FitResult. Typed fields hold what iterative and sampling estimators produce:
+``traces`` (per-iteration parameter values, with ``phases``), ``likelihoods`` (marginal −2LL evaluations by
+method), ``posterior`` (q(η_i) as a Distribution: Laplace for the classical methods, MCMC draws for SAEM/NUTS),
+``mcmc`` (a sampler's diagnostics table), ``weights`` (tensor-valued parameters, saved beside the JSON as a
+``.pt`` file read back with ``weights_only=True``) and a ``diagnostics`` cache. Field names follow what pharmacometricians expect (pharmpy's ``ModelfitResults``:
 ``ofv``, ``parameter_estimates``, ``standard_errors``, ``individual_estimates``, ``predictions``,
 ``minimization_successful``) and statsmodels' (``params``, ``bse``, ``conf_int()``, ``cov_params()``).
 
@@ -11,19 +16,24 @@ log-likelihood; AIC = −2·loglik + 2k, BIC = −2·loglik + k·log(n_obs), k =
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import pandas as pd
+import torch
+from scipy.stats import norm
 
-__all__ = ["FitResult"]
+from nlmefit.results.html import fit_result_html
 
-_Z975 = 1.959963984540054
+__all__ = ["FitResult", "SCHEMA_VERSION"]
+
+SCHEMA_VERSION = 2  # of result.json; 1 kept traces and likelihoods in an untyped "extra" dict
 
 
 def _clean(x):
@@ -66,7 +76,7 @@ def _numeric(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-@dataclass
+@dataclass(frozen=True)
 class FitResult:
     method: str
     options: dict
@@ -94,10 +104,17 @@ class FitResult:
     predictions: pd.DataFrame | None = None
     eta_shrinkage: pd.Series | None = None
     epsilon_shrinkage: float | None = None
-    extra: dict = field(default_factory=dict)
+    likelihoods: Mapping[str, dict] = field(default_factory=dict)  # method -> ofv, m2ll, loglik, se, …
+    traces: pd.DataFrame | None = field(default=None, compare=False)  # by iteration, one column per parameter
+    phases: Mapping[str, int] = field(default_factory=dict)  # e.g. {"explore": 150}: last iteration of a phase
+    acceptance: Mapping[str, float] = field(default_factory=dict)  # MCMC acceptance rates by kernel (SAEM)
+    mcmc: pd.DataFrame | None = field(default=None, compare=False)  # sampler diagnostics (R-hat, ESS …)
+    weights: Mapping[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+    source: Mapping[str, Any] = field(default_factory=dict)  # how the data and model were given (CLI)
     model: Any = field(default=None, repr=False, compare=False)
     data: Any = field(default=None, repr=False, compare=False)  # the ModelData fitted (not serialised)
-    posterior_draws: Any = field(default=None, repr=False, compare=False)  # η draws [S, N, q] (SAEM), not serialised
+    posterior: Any = field(default=None, repr=False, compare=False)  # q(η_i): a Distribution, batch [N] (not saved)
+    diagnostics: dict = field(default_factory=dict, repr=False, compare=False)  # cache of computed diagnostics
 
     # ------------------------------------------------------------------ views
     @property
@@ -119,15 +136,28 @@ class FitResult:
         return self.converged
 
     @property
-    def likelihoods(self) -> dict:
-        """Marginal −2LL evaluations attached to this fit, by method (``is``, ``agq`` …): ofv, m2ll, se …"""
-        return dict(self.extra.get("likelihoods", {}))
+    def posterior_draws(self) -> torch.Tensor | None:
+        """η draws [S, N, q] when the posterior is a set of MCMC draws (SAEM, NUTS), else None."""
+        return getattr(self.posterior, "draws", None)
 
-    @property
-    def traces(self) -> pd.DataFrame | None:
-        """Per-iteration values of every population parameter (iterative estimators such as SAEM)."""
-        t = self.extra.get("traces")
-        return None if t is None else pd.DataFrame(t["data"], columns=t["columns"]).set_index("iteration")
+    def replace(self, **changes) -> "FitResult":
+        """A new FitResult with ``changes`` applied (this one is left as it is)."""
+        return dataclasses.replace(self, **changes)
+
+    def with_likelihood(self, estimate) -> "FitResult":
+        """A new FitResult that also records ``estimate`` (a :class:`~nlmefit.marginal.LoglikEstimate`)."""
+        return self.replace(likelihoods={**self.likelihoods, estimate.method: estimate.summary()})
+
+    def population_parameters(self, dtype=torch.float64, device=None):
+        """The estimates as :class:`~nlmefit.models.parameters.Params` for the attached model (tensor-valued
+        weights from ``weights`` at full precision)."""
+        if self.model is None:
+            raise ValueError("this FitResult has no model attached (read from JSON?): use "
+                             "FitResult.from_json(path, model=...)")
+        p = self.model.parameters.params_from_dict(self.estimates.to_dict(), dtype=dtype, device=device)
+        if self.weights:
+            p.weights.update({k: v.to(dtype=dtype, device=device) for k, v in self.weights.items()})
+        return p
 
     def plot_traces(self, params: list[str] | None = None, ncols: int = 3):
         """Convergence traces, one panel per population parameter; the end of the exploration phase is marked.
@@ -141,7 +171,7 @@ class FitResult:
         nrows = max(1, math.ceil(len(names) / ncols))
         fig, axes = plt.subplots(nrows, min(ncols, len(names)), figsize=(3.2 * min(ncols, len(names)), 2.4 * nrows),
                                  squeeze=False)
-        k1 = self.extra.get("n_explore")
+        k1 = self.phases.get("explore")
         for ax, n in zip(axes.ravel(), names):
             ax.plot(tr.index, tr[n], lw=1)
             if k1:
@@ -175,10 +205,11 @@ class FitResult:
         s = np.sqrt(np.diag(self.covariance.to_numpy()))
         return self.covariance / np.outer(s, s)
 
-    def conf_int(self, level: float = 0.95) -> pd.DataFrame:
-        from scipy.stats import norm
-
-        z = norm.ppf(0.5 + level / 2)
+    def conf_int(self, alpha: float = 0.05) -> pd.DataFrame:
+        """Wald (1 − ``alpha``) intervals, estimate ± z·SE (statsmodels' convention)."""
+        if not 0 < alpha < 1:
+            raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+        z = norm.ppf(1 - alpha / 2)
         se = self.se
         return pd.DataFrame({"ci_low": self.estimates - z * se, "ci_high": self.estimates + z * se})
 
@@ -217,6 +248,9 @@ class FitResult:
         status = "converged" if self.converged else "NOT converged"
         return (f"<FitResult {self.method} {self.model_name}: OFV {self.ofv:.4f} ({status}), "
                 f"{self.n_subjects} subjects, {self.n_obs} observations, {self.n_estimated} estimated>")
+
+    def _repr_html_(self) -> str:
+        return fit_result_html(self)
 
     def print_summary(self, decimals: int = 4) -> None:
         print(self.summary_text(decimals))
@@ -273,16 +307,14 @@ class FitResult:
     def predict(self, new_data, individual: bool = False) -> pd.DataFrame:
         """Population predictions (PRED) for a DataFrame/Panel in the model's record layout; with
         ``individual=True`` subjects whose ID was fitted also get IPRED from their η̂."""
-        import torch
-
-        from nlmefit.panel import Panel
+        from nlmefit.panel import Panel  # the data layer is only needed for new data
 
         if self.model is None:
             raise ValueError("this FitResult has no model attached (it was read from JSON): pass "
                              "FitResult.from_json(path, model=...) to predict")
         panel = new_data if isinstance(new_data, Panel) else Panel.from_dataframe(new_data, require_dv=False)
         data = self.model.prepare(panel)
-        p = self.model.parameters.params_from_dict(self.estimates.to_dict())
+        p = self.population_parameters()
         eta0 = torch.zeros(data.n_subjects, data.q, dtype=torch.float64)
         with torch.no_grad():
             f0, _ = self.model.predict(p, eta0, data)
@@ -305,6 +337,7 @@ class FitResult:
     def to_dict(self) -> dict:
         se = self.se
         return _clean({
+            "schema_version": SCHEMA_VERSION,
             "method": self.method, "model": self.model_name, "options": {k: repr(v) if not isinstance(
                 v, (int, float, str, bool, type(None))) else v for k, v in self.options.items()},
             "seed": self.seed, "versions": self.versions,
@@ -322,26 +355,34 @@ class FitResult:
             "predictions": _frame_to_json(self.predictions),
             "eta_shrinkage": None if self.eta_shrinkage is None else self.eta_shrinkage.to_dict(),
             "epsilon_shrinkage": self.epsilon_shrinkage,
-            "extra": self.extra,
+            "likelihoods": dict(self.likelihoods),
+            "traces": _frame_to_json(None if self.traces is None else self.traces.reset_index()),
+            "phases": dict(self.phases), "acceptance": dict(self.acceptance),
+            "mcmc": _frame_to_json(self.mcmc),
+            "weights": {k: list(v.shape) for k, v in self.weights.items()},
+            "source": dict(self.source),
         })
 
     def to_json(self, path: str | os.PathLike) -> None:
-        """Write atomically (temporary file in the same folder, then rename)."""
+        """Write atomically (temporary file in the same folder, then rename). Tensor-valued weights go to a
+        ``.pt`` file beside it (same stem), written first, so a JSON file never names weights that are not
+        there."""
         path = os.fspath(path)
         folder = os.path.dirname(os.path.abspath(path))
         os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump(self.to_dict(), fh, indent=1, allow_nan=False)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        if self.weights:
+            state = {k: v.detach().cpu().clone() for k, v in self.weights.items()}
+            _atomic_write(_weights_path(path), lambda fh: torch.save(state, fh), binary=True)
+        _atomic_write(path, lambda fh: json.dump(self.to_dict(), fh, indent=1, allow_nan=False))
 
     @classmethod
-    def from_dict(cls, d: dict, model=None) -> "FitResult":
+    def from_dict(cls, d: dict, model=None, weights: Mapping[str, torch.Tensor] | None = None) -> "FitResult":
+        version = d.get("schema_version", 1)
+        if version == 1:
+            d = _upgrade_v1(d)
+        elif version != SCHEMA_VERSION:
+            raise ValueError(f"result schema version {version} is not supported (this nlmefit reads "
+                             f"{SCHEMA_VERSION}); refit with this version")
         nan = float("nan")
         est = pd.Series({k: (nan if v is None else float(v)) for k, v in d["estimates"].items()}, dtype=float)
         cov = _frame_from_json(d.get("covariance"))
@@ -357,10 +398,65 @@ class FitResult:
             individual_estimates=_frame_from_json(d.get("individual_estimates")),
             predictions=_frame_from_json(d.get("predictions")),
             eta_shrinkage=None if d.get("eta_shrinkage") is None else pd.Series(d["eta_shrinkage"], dtype=float),
-            epsilon_shrinkage=d.get("epsilon_shrinkage"), extra=d.get("extra", {}), model=model,
+            epsilon_shrinkage=d.get("epsilon_shrinkage"), likelihoods=dict(d.get("likelihoods") or {}),
+            traces=_traces_from_json(d.get("traces")), phases=dict(d.get("phases") or {}),
+            acceptance=dict(d.get("acceptance") or {}), mcmc=_frame_from_json(d.get("mcmc")),
+            weights=dict(weights or {}), source=dict(d.get("source") or {}), model=model,
         )
 
     @classmethod
     def from_json(cls, path: str | os.PathLike, model=None) -> "FitResult":
+        """Read a result written by :meth:`to_json` (weights from the ``.pt`` beside it, loaded with
+        ``torch.load(weights_only=True)``: no code is unpickled)."""
+        path = os.fspath(path)
         with open(path) as fh:
-            return cls.from_dict(json.load(fh), model=model)
+            d = json.load(fh)
+        weights = None
+        if d.get("weights"):
+            wpath = _weights_path(path)
+            if not os.path.exists(wpath):
+                raise ValueError(f"{path} names tensor-valued weights {sorted(d['weights'])} but {wpath} is missing")
+            weights = torch.load(wpath, map_location="cpu", weights_only=True)
+        return cls.from_dict(d, model=model, weights=weights)
+
+
+def _weights_path(path: str) -> str:
+    stem = path[:-5] if path.endswith(".json") else path
+    return stem + ".pt"
+
+
+def _atomic_write(path: str, write, binary: bool = False) -> None:
+    """Write through a temporary file in the same folder and rename, keeping the umask's file mode."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb" if binary else "w") as fh:
+            write(fh)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _traces_from_json(obj) -> pd.DataFrame | None:
+    df = _frame_from_json(obj)
+    return None if df is None else df.set_index("iteration")
+
+
+def _upgrade_v1(d: dict) -> dict:
+    """Schema 1 kept likelihoods, traces and the CLI provenance in ``extra``."""
+    d = dict(d)
+    extra = d.pop("extra", None) or {}
+    d["likelihoods"] = extra.get("likelihoods", {})
+    t = extra.get("traces")
+    if t is not None:
+        d["traces"] = {"columns": t["columns"], "index": list(range(len(t["data"]))), "data": t["data"]}
+    if extra.get("n_explore") is not None:
+        d["phases"] = {"explore": extra["n_explore"]}
+    d["acceptance"] = extra.get("acceptance", {})
+    d["source"] = extra.get("cli", {})
+    return d

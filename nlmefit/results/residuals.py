@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from nlmefit.estimators.autodiff import jacobian_sep
+from nlmefit.marginal.autodiff import jacobian_sep
 
 __all__ = ["prediction_table"]
 

@@ -24,7 +24,7 @@ covariates only (a counterfactual subject carries no observed covariate history)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -34,6 +34,15 @@ import torch
 from nlmefit.errors import ModelSpecError
 from nlmefit.models.model import Model, ModelData
 from nlmefit.models.parameters import Params
+from nlmefit.marginal.laplace import laplace_posterior
+from nlmefit.models.structure import ClosedForm
+from nlmefit.pk.trains import DoseTrain
+from nlmefit.posteriors.rng import seeded
+from nlmefit.simulation.concentrations import broadcasts, copies, template
+from nlmefit.simulation.exposure import exposure_table, pta
+from nlmefit.simulation.plots import plot_exposure_distributions, plot_profile_bands
+from nlmefit.simulation.population import SimulatedPopulation
+from nlmefit.simulation.regimen import Regimen
 from nlmefit.simulation.simulate import resolve_params
 
 __all__ = ["RegimenSimulation", "simulate_regimens", "as_regimen"]
@@ -41,8 +50,6 @@ __all__ = ["RegimenSimulation", "simulate_regimens", "as_regimen"]
 
 def as_regimen(r):
     """A :class:`~nlmefit.simulation.regimen.Regimen` from a Regimen or its string form."""
-    from nlmefit.simulation.regimen import Regimen
-
     if isinstance(r, Regimen):
         return r
     if isinstance(r, str):
@@ -101,70 +108,18 @@ class RegimenSimulation:
     def pta(self, metric: str, threshold: float | None = None, *, mic: float | Sequence[float] | None = None,
             window: tuple[float, float] | None = None) -> pd.DataFrame:
         """Probability of target attainment per regimen (see :func:`nlmefit.simulation.exposure.pta`)."""
-        from nlmefit.simulation.exposure import pta
-
         return pta(self.exposures, metric, threshold, mic=mic, window=window, order=self.labels)
 
     def plot_profiles(self, probs=(0.05, 0.5, 0.95), ax=None, log_y: bool = False):
-        from nlmefit.simulation.plots import plot_profile_bands
-
+        """Concentration quantile bands per regimen (see :func:`nlmefit.simulation.plots.plot_profile_bands`)."""
         return plot_profile_bands(self, probs=probs, ax=ax, log_y=log_y)
 
     def plot_exposures(self, metric: str = "AUC", ax=None):
-        from nlmefit.simulation.plots import plot_exposure_distributions
-
+        """Box plots of one exposure metric per regimen (see :mod:`nlmefit.simulation.plots`)."""
         return plot_exposure_distributions(self, metric=metric, ax=ax)
 
 
 # ---------------------------------------------------------------------------------------------- data plumbing
-def _template(model: Model, records: pd.DataFrame, times: np.ndarray, cov_names, device):
-    """ModelData of one subject: ``records`` (dose rows, ID 1) + observation rows at ``times``."""
-    from nlmefit.panel import Panel
-
-    obs = pd.DataFrame({"ID": 1, "TIME": times.astype(float), "AMT": 0.0, "EVID": 0, "MDV": 0, "DV": np.nan})
-    if "CMT" in records:
-        obs_cmt = 2 if model.structure.oral else 1
-        obs["CMT"] = obs_cmt
-    recs = pd.concat([records.assign(ID=1), obs], ignore_index=True, sort=False)
-    for c in ("RATE", "II", "ADDL", "SS"):
-        if c in recs:
-            recs[c] = recs[c].fillna(0.0)
-    for n in cov_names:
-        recs[n] = 0.0
-    order = np.lexsort((-recs["EVID"].to_numpy(), recs["TIME"].to_numpy()))  # doses before observations
-    recs = recs.iloc[order].reset_index(drop=True)
-    panel = Panel.from_dataframe(recs, require_dv=False)
-    return model.prepare(panel, device=device, check_likelihood=False)
-
-
-def _copies(data1: ModelData, cov: dict[str, torch.Tensor], dose_scale: torch.Tensor | None,
-            s: int, broadcast: bool) -> ModelData:
-    """S copies of a one-subject template with per-copy covariates [S, 1] and dose scaling [S] (mg/kg).
-
-    Closed-form structures broadcast a one-subject design against [S, 1] parameters, so the design tensors stay
-    [1, ...] (the dose-by-observation work is done once, not S times); other structures get expanded views."""
-    ev = data1.events
-    if not broadcast:
-        ev = replace(ev, **{f.name: getattr(ev, f.name).expand(s, *getattr(ev, f.name).shape[1:]).contiguous()
-                            for f in fields(ev)})
-    if dose_scale is not None:
-        sc = dose_scale.unsqueeze(-1)
-        ev = replace(ev, dose_amt=ev.dose_amt * sc, dose_rate=torch.where(ev.dose_rate > 0, ev.dose_rate * sc,
-                                                                             ev.dose_rate))
-
-    def ex(t: torch.Tensor) -> torch.Tensor:
-        return t.expand(s, *t.shape[1:])
-
-    return replace(data1, events=ev, y=ex(data1.y), mask=ex(data1.mask), cens=ex(data1.cens),
-                   limit=ex(data1.limit), occ=ex(data1.occ), cov={k: cov[k] for k in data1.cov})
-
-
-def _broadcasts(model: Model) -> bool:
-    from nlmefit.models.structure import ClosedForm
-
-    return isinstance(model.structure, ClosedForm)
-
-
 def _params_on(p: Params, device) -> Params:
     return Params({k: v.to(device) for k, v in p.theta.items()}, p.omega.to(device),
                   {k: v.to(device) for k, v in p.sigma.items()},
@@ -204,31 +159,32 @@ def _theta_uncertainty(fit, p: Params, s: int, gen: torch.Generator) -> Params:
 
 
 def _posterior_draws(fit, model, p, data_obs: ModelData, n_draws: int, posterior: str, gen) -> torch.Tensor:
-    """[n_draws, N, q] draws of η_i | y_i for every observed subject."""
-    from nlmefit.estimators.importance import laplace_proposal
-
+    """[n_draws, N, q] draws of η_i | y_i for every observed subject: from the fit's own posterior
+    (``draws``: SAEM/NUTS draws, or any posterior family the fit carries), from the Laplace posterior, or by
+    sampling–importance–resampling from a t proposal (``is``)."""
     n = data_obs.n_subjects
-    eta0 = None
-    ind = fit.individual_estimates
-    if ind is not None:
-        cols = [c for c in ind.columns if c.startswith("ETA_")]
-        if len(cols) == data_obs.q and len(ind) == n:
-            eta0 = torch.as_tensor(np.array(ind[cols].to_numpy(float)), dtype=data_obs.y.dtype,
-                                   device=data_obs.y.device)
+    seed = int(torch.randint(0, 2 ** 62, (1,), generator=gen))
     if posterior == "draws":
-        dr = getattr(fit, "posterior_draws", None)
-        if dr is None:
-            raise ModelSpecError(f"posterior='draws' needs posterior draws; a {fit.method} fit has none (SAEM "
-                                 f"keeps them); use posterior='laplace' or 'is'")
-        pick = torch.randint(0, dr.shape[0], (n_draws, n), generator=gen, device=dr.device)
-        return torch.gather(dr, 0, pick.unsqueeze(-1).expand(n_draws, n, dr.shape[-1])).to(data_obs.y.device)
+        post = fit.posterior
+        dr = getattr(post, "draws", None)
+        if dr is not None:
+            pick = torch.randint(0, dr.shape[0], (n_draws, n), generator=gen, device=dr.device)
+            return torch.gather(dr, 0, pick.unsqueeze(-1).expand(n_draws, n, dr.shape[-1])).to(data_obs.y.device)
+        if post is None or getattr(post, "kind", None) == "laplace":
+            raise ModelSpecError(f"posterior='draws' needs posterior draws or a fitted posterior family; a "
+                                 f"{fit.method} fit has none (SAEM, NUTS and VEM do); use posterior='laplace' or 'is'")
+        with seeded(seed, data_obs.y.device):
+            return post.sample((n_draws,)).to(data_obs.y.device)
+    eta0 = _modes_of(fit, data_obs)
     if posterior == "laplace":
-        prop = laplace_proposal(model, p, data_obs, eta0)
-        return prop.sample(n_draws, gen)
+        prop = laplace_posterior(model, p, data_obs, eta0)
+        with seeded(seed, data_obs.y.device):
+            return prop.sample((n_draws,))
     if posterior == "is":
-        prop = laplace_proposal(model, p, data_obs, eta0, df=4.0)
+        prop = laplace_posterior(model, p, data_obs, eta0, df=4.0)
         m = max(20 * n_draws, 2000)
-        eta = prop.sample(m, gen)  # [M, N, q]
+        with seeded(seed, data_obs.y.device):
+            eta = prop.sample((m,))  # [M, N, q]
         with torch.no_grad():
             lw = model.log_lik(p, eta, data_obs) + model.log_prior(p, eta, data_obs.n_occ) - prop.log_prob(eta)
         w = torch.softmax(torch.nan_to_num(lw, nan=-math.inf), 0)  # [M, N]
@@ -237,34 +193,26 @@ def _posterior_draws(fit, model, p, data_obs: ModelData, n_draws: int, posterior
     raise ModelSpecError(f"posterior must be 'laplace', 'is' or 'draws', got {posterior!r}")
 
 
+def _modes_of(fit, data_obs: ModelData) -> torch.Tensor | None:
+    """The fit's conditional modes as a starting point, when they belong to these subjects."""
+    ind = fit.individual_estimates
+    if ind is None:
+        return None
+    cols = [c for c in ind.columns if c.startswith("ETA_")]
+    if len(cols) != data_obs.q or len(ind) != data_obs.n_subjects:
+        return None
+    return torch.as_tensor(np.array(ind[cols].to_numpy(float)), dtype=data_obs.y.dtype, device=data_obs.y.device)
+
+
 # ---------------------------------------------------------------------------------------------- entry point
-def simulate_regimens(
-    fit,
-    regimens,
-    *,
-    population: int | None = None,
-    subjects=None,
-    n_draws: int = 1,
-    times: Sequence[float] | None = None,
-    n_times: int = 200,
-    covariates: pd.DataFrame | str | None = "observed",
-    uncertainty: bool = False,
-    posterior: str = "laplace",
-    residual: bool = False,
-    steady_state: bool = False,
-    interval: str | tuple[float, float] = "last",
-    threshold: float | None = None,
-    fu: float = 1.0,
-    auc: str = "quadrature",
-    weight_col: str = "WT",
-    iv_cmt: int | None = None,
-    seed: int | None = 0,
-    chunk: int = 10000,
-    model: Model | None = None,
-    params=None,
-    device=None,
-    fast: bool = True,
-) -> RegimenSimulation:
+def simulate_regimens(fit, regimens, *, population: int | None = None, subjects=None, n_draws: int = 1,
+                      times: Sequence[float] | None = None, n_times: int = 200,
+                      covariates: pd.DataFrame | str | None = "observed", uncertainty: bool = False,
+                      posterior: str = "laplace", residual: bool = False, steady_state: bool = False,
+                      interval: str | tuple[float, float] = "last", threshold: float | None = None, fu: float = 1.0,
+                      auc: str = "quadrature", weight_col: str = "WT", iv_cmt: int | None = None,
+                      seed: int | None = 0, chunk: int = 10000, model: Model | None = None, params=None,
+                      device=None, fast: bool = True) -> RegimenSimulation:
     """Simulate ``regimens`` (Regimen objects or strings) for virtual (``population=N``) or observed
     (``subjects="observed"`` or a list of IDs) subjects of ``fit`` (a FitResult; or pass ``fit=None, model=,
     params=`` for a model without a fit, population mode only).
@@ -276,122 +224,188 @@ def simulate_regimens(
     ``fast``: sum regular bolus/oral dose trains in closed form (:mod:`nlmefit.pk.trains`) when the model is a
     linear closed form; ``False`` forces the general dose-by-dose path (same numbers to ~1e−12).
     """
-    from nlmefit.simulation.exposure import exposure_table
-
     if (population is None) == (subjects is None):
         raise ModelSpecError("give exactly one of population=N (virtual subjects) or subjects='observed' / a list "
                              "of IDs (counterfactuals for observed subjects)")
+    model, p = _model_and_params(fit, model, params)
+    regs, labels = _regimens_and_labels(regimens)
+    data_obs, panel, dev = _fitted_data(fit, device)
+    p = _params_on(p, dev)
+    gen = _generator(dev, seed)
+    cov_names = list(panel.covariate_names) if panel is not None else []
+    if population is not None:
+        who = _virtual_subjects(fit, model, p, panel, cov_names, population, covariates, uncertainty, gen)
+    else:
+        who = _observed_subjects(fit, model, p, data_obs, subjects, n_draws, posterior, gen)
+    cov_t, cov_frame = _covariate_tensors(who.cov, cov_names, dev)
+    # one template per regimen, S copies, batched predictions in chunks
+    grid = _time_grid(regs, times, n_times, interval)
+    profiles, exposures, intervals = [], [], []
+    for reg, lab in zip(regs, labels):  # a handful of regimens: not a hot loop
+        recs = _records(reg, model, steady_state, iv_cmt, weight_col)
+        window = _interval(reg, interval, float(grid[-1]))
+        pop = SimulatedPopulation(model, who.p, who.eta, cov_t, template(model, recs, grid, cov_names, dev), recs,
+                                  _dose_scale(reg, cov_frame, weight_col, dev),
+                                  _trains(reg, model, steady_state, iv_cmt) if fast else None)
+        profiles.append(pop.concentrations(grid, chunk, residual, gen))
+        ex = exposure_table(pop, window, threshold=threshold, fu=fu, auc=auc, chunk=chunk)
+        exposures.append(_label_rows(ex, lab, who))
+        intervals.append(window)
+    return RegimenSimulation(regs, labels, grid, np.stack(profiles), who.ids, who.draw, cov_frame,
+                             _parameters_frame(pop), pd.concat(exposures, ignore_index=True), who.mode, residual,
+                             intervals)
+
+
+@dataclass(frozen=True)
+class _Subjects:
+    """Who is simulated: θ (shared or per subject), η [S, q], covariates [S, C], source IDs and draw numbers."""
+
+    p: Params
+    eta: torch.Tensor
+    cov: np.ndarray
+    ids: np.ndarray
+    draw: np.ndarray
+    mode: str  # "population" or "observed"
+
+
+def _model_and_params(fit, model: Model | None, params) -> tuple[Model, Params]:
+    """The model (given, or the fit's) and its parameters (given, or the fit's estimates)."""
     model = model if model is not None else getattr(fit, "model", None)
     if model is None:
         raise ModelSpecError("no model: pass a FitResult with its model attached, or model=")
-    p = resolve_params(model, params if params is not None else fit)
+    return model, resolve_params(model, params if params is not None else fit)
+
+
+def _regimens_and_labels(regimens) -> tuple[list[Regimen], list[str]]:
+    """The regimens as Regimen objects and their (distinct) labels."""
     regs = [as_regimen(r) for r in (regimens if isinstance(regimens, (list, tuple)) else [regimens])]
     if not regs:
         raise ModelSpecError("no regimen given")
     labels = [getattr(r, "label", None) or str(r) for r in regs]
     if len(set(labels)) != len(labels):
         raise ModelSpecError(f"regimen labels must be distinct, got {labels}")
+    return regs, labels
+
+
+def _fitted_data(fit, device) -> tuple[ModelData | None, object, object]:
+    """The fitted data (None without a fit or data), its panel, and the device (given, or that of the data)."""
     data_obs = getattr(fit, "data", None) if fit is not None else None
     panel = data_obs.panel if data_obs is not None else None
     dev = data_obs.y.device if data_obs is not None and device is None else device
-    p = _params_on(p, dev)
+    return data_obs, panel, dev
+
+
+def _generator(dev, seed: int | None) -> torch.Generator:
+    """A generator on ``dev`` seeded with ``seed`` (a random seed from torch's global generator when None)."""
     gen = torch.Generator(device=dev if dev is not None else "cpu")
     gen.manual_seed(int(seed) if seed is not None else int(torch.randint(0, 2 ** 62, ()).item()))
-    cov_names = list(panel.covariate_names) if panel is not None else []
+    return gen
 
-    # --- who is simulated: covariates [S, C], η [S, q], source ids
-    if population is not None:
-        if population < 1:
-            raise ModelSpecError(f"population must be a positive number of virtual subjects, got {population}")
-        s = int(population)
-        if isinstance(covariates, pd.DataFrame):
-            missing = [c for c in cov_names if c not in covariates]
-            if missing:
-                raise ModelSpecError(f"the covariate table lacks {missing} (the model's data has {cov_names})")
-            if len(covariates) != s:
-                raise ModelSpecError(f"the covariate table has {len(covariates)} rows; give one per virtual "
-                                     f"subject ({s})")
-            cov_np = _encode(covariates[cov_names], panel)
-        elif cov_names:
-            if covariates != "observed":
-                raise ModelSpecError("covariates must be 'observed' (resampled from the fitted subjects) or a table")
-            pick = torch.randint(0, panel.n_subjects, (s,), generator=gen).numpy()
-            cov_np = panel.covariates[pick]
-        else:
-            cov_np = np.zeros((s, 0))
-        if uncertainty:
-            p = _theta_uncertainty(fit, p, s, gen)
-        n_occ = 0
-        eta = _sample_iiv(model, p, s, gen)
-        ids, draw_no, mode = np.arange(1, s + 1), np.zeros(s, dtype=int), "population"
-    else:
-        if data_obs is None:
-            raise ModelSpecError("subjects=... needs the fitted data (a FitResult from nlmefit.fit, not one read "
-                                 "from JSON without data)")
-        if model.n_iov:
-            raise ModelSpecError("per-subject counterfactuals with IOV are not supported: the new regimen has no "
-                                 "occasions of the observed data")
-        all_ids = np.asarray(panel.ids)
-        if isinstance(subjects, str):
-            if subjects != "observed":
-                raise ModelSpecError(f"subjects must be 'observed' or a list of IDs, got {subjects!r}")
-            sel = np.arange(len(all_ids))
-        else:
-            want = list(subjects)
-            pos = {v: k for k, v in enumerate(all_ids.tolist())}
-            bad = [w for w in want if w not in pos]
-            if bad:
-                raise ModelSpecError(f"IDs {bad} are not among the fitted subjects")
-            sel = np.array([pos[w] for w in want])
-        if n_draws < 1:
-            raise ModelSpecError(f"n_draws must be at least 1, got {n_draws}")
-        post = _posterior_draws(fit, model, p, data_obs, n_draws, posterior, gen)  # [D, N, q]
-        post = post[:, torch.as_tensor(sel, device=post.device)]
-        eta = post.transpose(0, 1).reshape(-1, post.shape[-1])  # subject-major: [S = n_sel·D, q]
-        cov_np = np.repeat(panel.covariates[sel], n_draws, axis=0)
-        ids = np.repeat(all_ids[sel], n_draws)
-        draw_no = np.tile(np.arange(n_draws), len(sel))
-        mode = "observed"
-        s = eta.shape[0]
-    cov_t = {n: torch.as_tensor(cov_np[:, k:k + 1], dtype=torch.float64, device=dev)
-             for k, n in enumerate(cov_names)}
-    cov_frame = pd.DataFrame(cov_np, columns=cov_names)
 
-    # --- one template per regimen, S copies, batched predictions in chunks
+def _virtual_subjects(fit, model: Model, p: Params, panel, cov_names: list[str], population: int, covariates,
+                      uncertainty: bool, gen: torch.Generator) -> _Subjects:
+    """``population`` virtual subjects: covariates resampled or given, θ ~ N(θ̂, Cov(θ̂)) if ``uncertainty``,
+    η ~ N(0, Ω)."""
+    if population < 1:
+        raise ModelSpecError(f"population must be a positive number of virtual subjects, got {population}")
+    s = int(population)
+    cov_np = _population_covariates(covariates, cov_names, panel, s, gen)
+    if uncertainty:
+        p = _theta_uncertainty(fit, p, s, gen)
+    eta = _sample_iiv(model, p, s, gen)
+    return _Subjects(p, eta, cov_np, np.arange(1, s + 1), np.zeros(s, dtype=int), "population")
+
+
+def _population_covariates(covariates, cov_names: list[str], panel, s: int, gen: torch.Generator) -> np.ndarray:
+    """Covariates [S, C] of the virtual subjects: from a table (one row each) or resampled from the fitted ones."""
+    if isinstance(covariates, pd.DataFrame):
+        missing = [c for c in cov_names if c not in covariates]
+        if missing:
+            raise ModelSpecError(f"the covariate table lacks {missing} (the model's data has {cov_names})")
+        if len(covariates) != s:
+            raise ModelSpecError(f"the covariate table has {len(covariates)} rows; give one per virtual "
+                                 f"subject ({s})")
+        return _encode(covariates[cov_names], panel)
+    if cov_names:
+        if covariates != "observed":
+            raise ModelSpecError("covariates must be 'observed' (resampled from the fitted subjects) or a table")
+        pick = torch.randint(0, panel.n_subjects, (s,), generator=gen).numpy()
+        return panel.covariates[pick]
+    return np.zeros((s, 0))
+
+
+def _observed_subjects(fit, model: Model, p: Params, data_obs: ModelData | None, subjects, n_draws: int,
+                       posterior: str, gen: torch.Generator) -> _Subjects:
+    """``n_draws`` posterior η per selected observed subject (subject-major), with that subject's covariates."""
+    if data_obs is None:
+        raise ModelSpecError("subjects=... needs the fitted data (a FitResult from nlmefit.fit, not one read "
+                             "from JSON without data)")
+    if model.n_iov:
+        raise ModelSpecError("per-subject counterfactuals with IOV are not supported: the new regimen has no "
+                             "occasions of the observed data")
+    panel = data_obs.panel
+    all_ids = np.asarray(panel.ids)
+    sel = _selected_subjects(subjects, all_ids)
+    if n_draws < 1:
+        raise ModelSpecError(f"n_draws must be at least 1, got {n_draws}")
+    post = _posterior_draws(fit, model, p, data_obs, n_draws, posterior, gen)  # [D, N, q]
+    post = post[:, torch.as_tensor(sel, device=post.device)]
+    eta = post.transpose(0, 1).reshape(-1, post.shape[-1])  # subject-major: [S = n_sel·D, q]
+    return _Subjects(p, eta, np.repeat(panel.covariates[sel], n_draws, axis=0), np.repeat(all_ids[sel], n_draws),
+                     np.tile(np.arange(n_draws), len(sel)), "observed")
+
+
+def _selected_subjects(subjects, all_ids: np.ndarray) -> np.ndarray:
+    """Positions of the requested observed subjects (``"observed"``: all of them)."""
+    if isinstance(subjects, str):
+        if subjects != "observed":
+            raise ModelSpecError(f"subjects must be 'observed' or a list of IDs, got {subjects!r}")
+        return np.arange(len(all_ids))
+    want = list(subjects)
+    pos = {v: k for k, v in enumerate(all_ids.tolist())}
+    bad = [w for w in want if w not in pos]
+    if bad:
+        raise ModelSpecError(f"IDs {bad} are not among the fitted subjects")
+    return np.array([pos[w] for w in want])
+
+
+def _covariate_tensors(cov: np.ndarray, cov_names: list[str], dev) -> tuple[dict[str, torch.Tensor], pd.DataFrame]:
+    """Covariates [S, C] as {name: [S, 1]} float64 tensors on ``dev`` and as a DataFrame."""
+    cov_t = {n: torch.as_tensor(cov[:, k:k + 1], dtype=torch.float64, device=dev) for k, n in enumerate(cov_names)}
+    return cov_t, pd.DataFrame(cov, columns=cov_names)
+
+
+def _time_grid(regs: list[Regimen], times: Sequence[float] | None, n_times: int, interval) -> np.ndarray:
+    """The given times (sorted, unique), or ``n_times`` points to the end of the longest regimen or interval."""
     if times is None:  # one grid for every regimen, to the end of the longest (or of the exposure interval)
         t_end = max(float(r.end_time()) for r in regs)
         if not isinstance(interval, str):
             t_end = max(t_end, float(interval[1]))
         if not t_end > 0:
             raise ModelSpecError("the regimens end at time 0 (single bolus doses): give times= or interval=(t0, t1)")
-        grid = np.linspace(0.0, t_end, n_times)
-    else:
-        grid = np.asarray(times, dtype=float)
-        if grid.ndim != 1 or not len(grid) or not np.all(np.isfinite(grid)) or grid.min() < 0:
-            raise ModelSpecError("times must be a non-empty 1-D sequence of finite times >= 0")
-        grid = np.unique(grid)
-    profiles, exposures, intervals = [], [], []
-    for reg, lab in zip(regs, labels):  # a handful of regimens: not a hot loop
-        recs = _records(reg, model, steady_state, iv_cmt, weight_col)
-        t0, t1 = _interval(reg, interval, float(grid[-1]))
-        data1 = _template(model, recs, grid, cov_names, dev)
-        scale = _dose_scale(reg, cov_frame, weight_col, dev)
-        trains = _trains(reg, model, steady_state, iv_cmt) if fast else None
-        prof = concentrations(model, p, eta, cov_t, scale, recs, grid, trains, chunk, residual, gen)
-        profiles.append(prof)
-        ex = exposure_table(model, p, data1, eta, cov_t, scale, (t0, t1), recs, trains, threshold=threshold,
-                            fu=fu, auc=auc, chunk=chunk)
-        ex.insert(0, "REGIMEN", lab)
-        ex.insert(1, "ID", ids)
-        ex.insert(2, "DRAW", draw_no)
-        exposures.append(ex)
-        intervals.append((t0, t1))
+        return np.linspace(0.0, t_end, n_times)
+    grid = np.asarray(times, dtype=float)
+    if grid.ndim != 1 or not len(grid) or not np.all(np.isfinite(grid)) or grid.min() < 0:
+        raise ModelSpecError("times must be a non-empty 1-D sequence of finite times >= 0")
+    return np.unique(grid)
+
+
+def _label_rows(ex: pd.DataFrame, label: str, who: _Subjects) -> pd.DataFrame:
+    """The exposure table with leading REGIMEN, ID and DRAW columns."""
+    ex.insert(0, "REGIMEN", label)
+    ex.insert(1, "ID", who.ids)
+    ex.insert(2, "DRAW", who.draw)
+    return ex
+
+
+def _parameters_frame(pop: SimulatedPopulation) -> pd.DataFrame:
+    """Individual structural parameters, one row per simulated subject."""
+    s = pop.n
     with torch.no_grad():
-        ind = model.individual_parameters(p, eta, _copies(data1, cov_t, None, eta.shape[0], _broadcasts(model)))
-    params_frame = pd.DataFrame({k: (v.reshape(-1, v.shape[-1])[:, 0] if v.dim() else v).expand(eta.shape[0])
-                                 .cpu().numpy() for k, v in ind.items()})
-    return RegimenSimulation(regs, labels, grid, np.stack(profiles), ids, draw_no, cov_frame, params_frame,
-                             pd.concat(exposures, ignore_index=True), mode, residual, intervals)
+        ind = pop.model.individual_parameters(pop.p, pop.eta, copies(pop.data1, pop.cov_t, None, s,
+                                                                     broadcasts(pop.model)))
+    return pd.DataFrame({k: (v.reshape(-1, v.shape[-1])[:, 0] if v.dim() else v).expand(s).cpu().numpy()
+                         for k, v in ind.items()})
 
 
 def _sample_iiv(model: Model, p: Params, s: int, gen) -> torch.Tensor:
@@ -476,9 +490,6 @@ def _dose_scale(reg, cov_frame: pd.DataFrame, weight_col: str, dev) -> torch.Ten
 def _trains(reg, model: Model, steady_state: bool, iv_cmt: int | None):
     """The regimen as closed-form dose trains (:mod:`nlmefit.pk.trains`) when that fast path applies: a linear
     closed-form model, bolus/oral phases only, no steady state, default compartments; else None."""
-    from nlmefit.models.structure import ClosedForm
-    from nlmefit.pk.trains import DoseTrain
-
     st = model.structure
     if not isinstance(st, ClosedForm) or steady_state or iv_cmt is not None:
         return None
@@ -490,48 +501,3 @@ def _trains(reg, model: Model, steady_state: bool, iv_cmt: int | None):
         out.append(DoseTrain(float(ph.start + ph.lag), float(ph.interval or 1.0), int(ph.n_doses), float(amt),
                              depot=ph.route == "oral" and st.oral))
     return out
-
-
-def concentrations(model, p, eta, cov_t, scale, recs, times: np.ndarray, trains, chunk: int,
-                   residual: bool = False, gen=None) -> np.ndarray:
-    """DV-scale predictions [S, T] at ``times`` (in the given order) for the S simulated subjects, in chunks;
-    by dose trains when ``trains`` is given, else through the model on a one-subject template."""
-    from nlmefit.pk.trains import train_concentration
-
-    s = eta.shape[0]
-    dev = eta.device
-    cov_names = list(cov_t)
-    if trains is None:
-        tmpl = _template(model, recs, times, cov_names, dev)
-        back = np.empty(len(times), dtype=int)  # the template holds its observation rows in time order
-        back[np.argsort(times, kind="stable")] = np.arange(len(times))
-    else:
-        one = _template(model, recs, times[:1], cov_names, dev)  # covariates/params plumbing only
-        t_t = torch.as_tensor(np.asarray(times, dtype=float), dtype=torch.float64, device=dev)
-    out = np.empty((s, len(times)))
-    bc = _broadcasts(model)
-    with torch.no_grad():
-        for a in range(0, s, chunk):  # chunks of copies bound memory; each chunk is one batched call
-            sl = slice(a, min(s, a + chunk))
-            cv = {k: v[sl] for k, v in cov_t.items()}
-            sc = None if scale is None else scale[sl]
-            pc = _slice_params(p, sl)
-            if trains is None:
-                d = _copies(tmpl, cv, sc, sl.stop - sl.start, bc)
-                f, var = model.predict(pc, eta[sl], d)
-                f, var = f[:, back], var[:, back]
-            else:
-                d = _copies(one, cv, None, sl.stop - sl.start, bc)
-                ind = model.individual_parameters(pc, eta[sl], d)
-                conc = train_concentration(ind, trains, t_t, model.structure.ncmt, sc)
-                f = model.error.transform(conc.clamp_min(1e-300)) if model.error.log_scale else conc
-                var = model.error.variance(f, pc.sigma).expand_as(f)
-            if residual:
-                f = f + torch.sqrt(var) * torch.randn(f.shape, generator=gen, dtype=f.dtype, device=f.device)
-            out[sl] = model.error.untransform(f).cpu().numpy()
-    return out
-
-
-def _slice_params(p: Params, sl: slice) -> Params:
-    th = {k: (v[sl] if v.dim() else v) for k, v in p.theta.items()}
-    return Params(th, p.omega, p.sigma, p.omega_iov)

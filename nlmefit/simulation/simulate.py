@@ -27,8 +27,10 @@ def resolve_params(model: Model, params) -> Params:
     if isinstance(params, Params):
         return params
     est = getattr(params, "estimates", None)
-    if est is not None:
-        return model.parameters.params_from_dict(est.to_dict())
+    if est is not None:  # a FitResult: scalar estimates, tensor-valued weights at full precision
+        p = model.parameters.params_from_dict(est.to_dict())
+        p.weights.update({k: v.to(torch.float64) for k, v in (getattr(params, "weights", None) or {}).items()})
+        return p
     if isinstance(params, Mapping):
         return model.parameters.params_from_dict(params)
     raise ModelSpecError(f"params must be a dict, FitResult or Params, got {type(params).__name__}")

@@ -1,0 +1,17 @@
+"""Posterior families q(η_i): ``torch.distributions.Distribution`` objects with batch shape ``[N]`` (one per
+subject) and event shape ``[q]``, so ``sample``/``rsample``/``log_prob`` come for free and importance sampling,
+counterfactual simulation, the Q/KL decomposition and one-step-ahead scores take "a posterior" and nothing else.
+
+* :class:`GaussianPosterior` — N(m_i, L_i L_iᵀ); the Laplace approximation is one (mode, Cholesky of H⁻¹);
+* :class:`StudentTPosterior` — multivariate t around the same location and scale (heavier tails);
+* :class:`EmpiricalPosterior` — MCMC draws (SAEM, NUTS): resampling; moment-matched Gaussian/t for densities.
+
+Building a Laplace posterior needs the conditional modes, which is marginal-likelihood machinery:
+:func:`nlmefit.marginal.laplace_posterior`. This package depends on torch and pyro only.
+"""
+from nlmefit.posteriors.empirical import EmpiricalPosterior
+from nlmefit.posteriors.gaussian import GaussianPosterior
+from nlmefit.posteriors.rng import seeded
+from nlmefit.posteriors.student_t import StudentTPosterior
+
+__all__ = ["GaussianPosterior", "StudentTPosterior", "EmpiricalPosterior", "seeded"]
