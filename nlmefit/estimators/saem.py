@@ -52,9 +52,6 @@ from nlmefit.results.build import build_result
 
 __all__ = ["SAEM"]
 
-_CLOSED_SIGMA = ("additive", "proportional", "exponential")
-
-
 def _project_omega(spec: Omega, stat: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
     """The Ω of ``spec``'s structure closest to the statistic: free blocks from ``stat``, FIX blocks kept."""
     out = torch.zeros_like(current)
@@ -164,8 +161,9 @@ class SAEM(Estimator):
         p = pset.initial(torch.float64, dev)
         cens = bool((mdata.cens[mdata.mask] != 0).any())
         sig_free = [k for k, s in pset.sigma.items() if not s.fixed]
-        error_name = getattr(getattr(model, "error", None), "name", None)
-        closed_sigma = error_name in _CLOSED_SIGMA and not cens and len(sig_free) == 1
+        # σ² in closed form when Var(y) = σ²·g(f) with one σ (additive, proportional, exponential)
+        error = getattr(model, "error", None)
+        closed_sigma = error is not None and len(error.sigma_names) == 1 and not cens and len(sig_free) == 1
         th_free = [k for k, s in pset.theta.items() if not s.fixed]
         # θ, the weights, and σ unless it has a closed form take the Newton step (indices by name: the
         # unconstrained and natural vectors share their order)

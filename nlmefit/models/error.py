@@ -26,29 +26,23 @@ import torch
 
 from nlmefit.errors import ModelSpecError
 
-__all__ = ["ErrorModel", "ERROR_MODELS", "get_error_model", "obs_loglik", "LOG_2PI"]
+__all__ = ["ErrorModel", "Additive", "Proportional", "Combined1", "Combined2", "ERROR_MODELS", "get_error_model", "obs_loglik", "LOG_2PI"]
 
 LOG_2PI = math.log(2 * math.pi)
 
 
 @dataclass(frozen=True)
 class ErrorModel:
+    """Base class: ``name`` (what users write), the σ names, and whether the likelihood lives on log(DV).
+    Subclasses implement :meth:`variance` (one class per error model, no dispatch on the name)."""
+
     name: str
     sigma_names: tuple[str, ...]
     log_scale: bool = False
 
     def variance(self, f: torch.Tensor, sigma: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Residual variance at prediction f (f already on the likelihood scale for ``exponential``)."""
-        s = {k: _expand(v, f) for k, v in sigma.items()}
-        if self.name == "additive" or self.name == "exponential":
-            return (s["add"] ** 2).expand_as(f)
-        if self.name == "proportional":
-            return (s["prop"] * f) ** 2
-        if self.name == "combined1":
-            return (s["add"] + s["prop"] * f.abs()) ** 2
-        if self.name == "combined2":
-            return s["add"] ** 2 + (s["prop"] * f) ** 2
-        raise ModelSpecError(f"unknown error model {self.name!r}")
+        raise NotImplementedError
 
     def transform(self, x: torch.Tensor) -> torch.Tensor:
         """Map DV (or a limit, or a prediction) to the likelihood scale."""
@@ -57,6 +51,39 @@ class ErrorModel:
     def untransform(self, x: torch.Tensor) -> torch.Tensor:
         return torch.exp(x) if self.log_scale else x
 
+    def _sigma(self, sigma: Mapping[str, torch.Tensor], f: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {k: _expand(v, f) for k, v in sigma.items()}
+
+
+class Additive(ErrorModel):
+    """Var = a² (on the log scale for the exponential model)."""
+
+    def variance(self, f, sigma):
+        return (self._sigma(sigma, f)["add"] ** 2).expand_as(f)
+
+
+class Proportional(ErrorModel):
+    """Var = (b·f)²."""
+
+    def variance(self, f, sigma):
+        return (self._sigma(sigma, f)["prop"] * f) ** 2
+
+
+class Combined1(ErrorModel):
+    """SD = a + b·|f|."""
+
+    def variance(self, f, sigma):
+        s = self._sigma(sigma, f)
+        return (s["add"] + s["prop"] * f.abs()) ** 2
+
+
+class Combined2(ErrorModel):
+    """Var = a² + (b·f)²."""
+
+    def variance(self, f, sigma):
+        s = self._sigma(sigma, f)
+        return s["add"] ** 2 + (s["prop"] * f) ** 2
+
 
 def _expand(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Per-subject parameter copies ([N]) broadcast against [..., N, J]; scalars pass through."""
@@ -64,11 +91,11 @@ def _expand(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 ERROR_MODELS: dict[str, ErrorModel] = {
-    "additive": ErrorModel("additive", ("add",)),
-    "proportional": ErrorModel("proportional", ("prop",)),
-    "combined1": ErrorModel("combined1", ("add", "prop")),
-    "combined2": ErrorModel("combined2", ("add", "prop")),
-    "exponential": ErrorModel("exponential", ("add",), log_scale=True),
+    "additive": Additive("additive", ("add",)),
+    "proportional": Proportional("proportional", ("prop",)),
+    "combined1": Combined1("combined1", ("add", "prop")),
+    "combined2": Combined2("combined2", ("add", "prop")),
+    "exponential": Additive("exponential", ("add",), log_scale=True),
 }
 _ALIASES = {"add": "additive", "prop": "proportional", "combined": "combined2", "comb1": "combined1",
             "comb2": "combined2", "log": "exponential", "ltbs": "exponential", "exp": "exponential"}
