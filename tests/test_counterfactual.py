@@ -1,4 +1,4 @@
-"""Counterfactual regimens: the identities of GUIDE §4 (steady-state AUC_τ = F·Dose/CL, superposition, Ω = 0 gives
+"""Counterfactual regimens: the sanity identities (steady-state AUC_τ = F·Dose/CL, superposition, Ω = 0 gives
 the typical profile), per-subject counterfactuals against the exact posterior mean, mg/kg dosing, PTA, plots."""
 import matplotlib
 

@@ -6,7 +6,10 @@ import resource
 import time
 from contextlib import contextmanager
 
+import numpy as np
 import torch
+
+import nlmefit
 
 __all__ = ["timer", "peak_rss_mb", "machine", "population"]
 
@@ -31,10 +34,6 @@ def machine(device: str) -> str:
 
 def population(n_subjects: int, n_obs: int = 10, seed: int = 0):
     """A simulated 1-cmt oral population (single 100 mg dose, n_obs samples over 24 h) and its true values."""
-    import numpy as np
-
-    import nlmefit
-
     truth = {"cl": 2.0, "v": 30.0, "ka": 1.2, "omega_cl": 0.09, "omega_v": 0.04, "omega_ka": 0.16, "sigma_add": 0.2}
     model = nlmefit.library.get("1cmt_oral", error="additive", theta={"cl": 2.0, "v": 30.0, "ka": 1.2},
                                 omega={"cl": 0.09, "v": 0.04, "ka": 0.16}, sigma={"add": 0.2})

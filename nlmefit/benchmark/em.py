@@ -28,13 +28,12 @@ import torch
 
 import nlmefit
 from nlmefit.benchmark._util import machine, peak_rss_mb, population, timer
+from nlmefit.models.examples import pheno_real
 
 __all__ = ["main", "run"]
 
 
 def _problems(sizes: list[int]) -> list[tuple[str, object, object]]:
-    from nlmefit.models.examples import pheno_real
-
     problems = [("theophylline 1cmt_oral", nlmefit.library.get("1cmt_oral", error="additive"),
                  nlmefit.datasets.load("theophylline")),
                 ("pheno_real", pheno_real(), nlmefit.datasets.load("pheno"))]

@@ -20,6 +20,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from nlmefit.models.parameters import Params
+from nlmefit.panel import Panel
 from nlmefit.panel.columns import resolve_columns
 
 __all__ = ["grid_predictions", "predict_on_grid", "time_grid"]
@@ -35,8 +37,6 @@ def _canonical(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _params(model, params):
-    from nlmefit.models.parameters import Params
-
     if isinstance(params, Params):
         return params
     return model.parameters.params_from_dict({k: float(v) for k, v in dict(params).items()})
@@ -193,8 +193,6 @@ def predict_on_grid(
     frame = frame.sort_values(["_SUBJ", "TIME", "_KIND", "_ORD"], kind="stable")
     frame = frame.drop(columns=["_SUBJ", "_KIND", "_ORD"]).reset_index(drop=True)
     # ---- one prepare + one predict for every subject and every η set
-    from nlmefit.panel import Panel
-
     panel = Panel.from_dataframe(frame, require_dv=False)
     data = model.prepare(panel, check_likelihood=False)
     n, q = data.n_subjects, data.q
@@ -253,8 +251,6 @@ def grid_predictions(
     or ``{ID: array}``) instead of the default grid of ``n_points`` from 0 to each subject's last observation
     (plus points around each dose). Returns ID, TIME, PRED, IPRED (DV scale).
     """
-    from nlmefit.panel import Panel
-
     panel = fit.data.panel if data is None else data
     if not isinstance(panel, Panel):
         panel = Panel.from_dataframe(panel, sort=True, require_dv=False)

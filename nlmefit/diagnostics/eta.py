@@ -68,6 +68,7 @@ def _style(ax) -> None:
 def plot_eta_distributions(fit, kind: str = "ETA", bins: int | str = "auto", ncols: int = 3):
     """Histogram of η̂ per IIV component with the N(0, ω²) density of the fit; shrinkage in each title.
     Returns the Figure."""
+    # matplotlib is imported only when plotting
     import matplotlib.pyplot as plt
 
     tab = eta_table(fit, kind)
@@ -131,6 +132,7 @@ def plot_eta_covariates(fit, covariates: Sequence[str] | None = None, kind: str 
     """η̂ (rows) against each covariate (columns): scatter + LOWESS for continuous covariates, box plots for
     categorical ones (text, or at most ``max_levels`` distinct values). Default covariates: every baseline
     covariate of the data that varies between subjects. Returns the Figure."""
+    # matplotlib is imported only when plotting
     import matplotlib.pyplot as plt
 
     tab = eta_table(fit, kind)

@@ -76,6 +76,7 @@ def _smooth(ax, x, y, frac: float = 2 / 3) -> None:
 
 def log_axis(ax, axis) -> None:
     """Log scale with plain labels at 1-2-5 steps (no overlapping minor labels)."""
+    # matplotlib is imported only when plotting
     from matplotlib import ticker
 
     (ax.set_xscale if axis is ax.xaxis else ax.set_yscale)("log", nonpositive="mask")
@@ -142,6 +143,7 @@ def plot_gof(fit, ax: Sequence | np.ndarray | None = None, *, log: bool = False,
     ``ax``: four axes to draw on (any array shape, row-major), else a new figure. ``log``: log-log DV panels.
     ``residual``: a residual column of ``fit.predictions`` (CWRES, WRES, IWRES, NPDE ...). Returns the Figure.
     """
+    # matplotlib is imported only when plotting
     import matplotlib.pyplot as plt
 
     pr = fit.predictions

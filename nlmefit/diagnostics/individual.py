@@ -43,6 +43,7 @@ def _dose_times(fit) -> dict:
 
 
 def _draw(ax, sid, obs: pd.DataFrame, grid: pd.DataFrame, doses: np.ndarray, log_y: bool) -> None:
+    # matplotlib is imported only when plotting
     from matplotlib.transforms import blended_transform_factory
 
     ax.plot(grid["TIME"], grid["PRED"], **_PRED, label="PRED")
@@ -80,6 +81,7 @@ def plot_individuals(fit, ids: Sequence | None = None, per_page: int = 12, ncols
     ``log_y``: log concentration axis. ``title``: a heading on every page.
     Returns a list of matplotlib Figures (never shown).
     """
+    # matplotlib is imported only when plotting
     import matplotlib.pyplot as plt
 
     if per_page < 1 or ncols < 1:

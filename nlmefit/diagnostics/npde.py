@@ -264,6 +264,7 @@ def plot_npde(result: NpdeResult, bins: int | None = None, n_sim: int = 200, see
     npde vs PRED (zero line, ±1.645 lines, observed 5/50/95th percentiles per quantile bin of x — ``bins``, default
     min(10, n/20) — with the 95 % prediction intervals of those percentiles under N(0, 1) shaded). Returns the
     Figure (never shown)."""
+    # matplotlib is imported only when plotting
     import matplotlib.pyplot as plt
 
     t = result.table

@@ -304,6 +304,7 @@ def plot_vpc(result: VpcResult, ax=None, log_y: bool = False, show_points: bool 
     percentiles blue, median red), the LLOQ dotted; with censoring, a panel of the fraction below the LLOQ
     (observed line, simulated interval shaded) underneath. One column per stratum; with ``ax`` (one axis per
     stratum) only the main panels are drawn there. Returns the Figure (never shown)."""
+    # matplotlib is imported only when plotting
     import matplotlib.pyplot as plt
 
     strata = list(result.edges)
@@ -361,6 +362,7 @@ def plot_vpc(result: VpcResult, ax=None, log_y: bool = False, show_points: bool 
             ab.set_ylim(-0.02, max(0.1, float(np.nanmax(tb[["obs", "sim_hi"]].to_numpy())) * 1.15))
             ab.set_ylabel("fraction < LLOQ")
             ab.set_xlabel(result.idv)
+    # matplotlib is imported only when plotting
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 

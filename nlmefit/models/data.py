@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from nlmefit.panel import Panel
 from nlmefit.pk.events import Events
 
 __all__ = ["ObservationData", "ModelData"]
@@ -39,8 +40,6 @@ class ObservationData:
     def from_panel(cls, panel, q: int, device=None, dtype=torch.float64) -> "ObservationData":
         """The observations of a :class:`~nlmefit.panel.Panel` (DV as is, M3 limits kept), for ``q`` random
         effects per subject. Doses and covariates are not carried: models that need them use ModelData."""
-        from nlmefit.panel import Panel  # the panel package imports the PK events; keep this module light
-
         if not isinstance(panel, Panel):
             panel = Panel.from_dataframe(panel)
         kw = dict(device=device, dtype=dtype)

@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from nlmefit.models.error import get_error_model
 from nlmefit.models.model import Model
 from nlmefit.models.parameters import Omega, Param, fix
 from nlmefit.models.structure import ClosedForm, FunctionStructure
@@ -47,8 +48,6 @@ def wang2007(error: str = "proportional") -> Model:
     """Wang (2007) at its fixed values: tke = 0.5, ω² = 0.04, every σ = √0.1."""
     sd = math.sqrt(0.1)
     st = FunctionStructure(_wang_f, "wang2007", ("ke",))
-    from nlmefit.models.error import get_error_model
-
     sigma = {k: fix(sd) for k in get_error_model(error).sigma_names}
     return Model(st, {"ke": fix(0.5)}, Omega({"ke": 0.04}, fixed=True), sigma, error=error, name="wang2007")
 

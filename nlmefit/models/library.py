@@ -14,6 +14,7 @@ from nlmefit.errors import ModelSpecError
 from nlmefit.models.model import Model
 from nlmefit.models.parameters import Omega, Param
 from nlmefit.models.structure import ClosedForm, OdeStructure, Structure
+from nlmefit.pk.ode_models import michaelis_menten
 
 __all__ = ["NAMES", "get", "structure", "DEFAULT_THETA"]
 
@@ -30,8 +31,6 @@ def structure(name: str) -> Structure:
     if name in _LINEAR:
         return ClosedForm(*_LINEAR[name])
     if name in _MM:
-        from nlmefit.pk.ode_models import michaelis_menten
-
         ncmt, oral = _MM[name]
         params = ("vm", "km", "v") + (("q", "vp") if ncmt == 2 else ()) + (("ka",) if oral else ())
         return OdeStructure(michaelis_menten(ncmt, oral), name, params)

@@ -13,7 +13,6 @@ formula sees an estimator.
 """
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Callable, Mapping
 
@@ -24,9 +23,9 @@ from nlmefit.errors import DataError, ModelSpecError
 from nlmefit.models.data import ModelData
 from nlmefit.models.error import LOG_2PI, ErrorModel, get_error_model, obs_loglik
 from nlmefit.models.formula import Term, parse_formula
-from nlmefit.models.parameters import Omega, Param, Params, ParameterSet
+from nlmefit.models.parameters import Omega, Param, ParameterSet, Params
 from nlmefit.models.structure import OPTIONAL_PK_PARAMS, Structure
-from nlmefit.pk.events import Events
+from nlmefit.panel import Panel
 
 __all__ = ["Model", "ModelData"]
 
@@ -139,8 +138,6 @@ class Model:
 
         With ``check_likelihood`` a non-finite likelihood at the initial values is warned about (not for
         simulation templates, whose DV are missing)."""
-        from nlmefit.panel import Panel
-
         if not isinstance(panel, Panel):
             panel = Panel.from_dataframe(panel)
         if panel.n_subjects == 0:

@@ -13,7 +13,9 @@ from typing import Callable, Mapping
 import torch
 
 from nlmefit.errors import ModelSpecError
+from nlmefit.pk.closed_form import concentration
 from nlmefit.pk.events import Events
+from nlmefit.pk.ode import solve
 
 __all__ = ["Structure", "ClosedForm", "OdeStructure", "FunctionStructure", "OPTIONAL_PK_PARAMS"]
 
@@ -52,8 +54,6 @@ class ClosedForm(Structure):
         return tuple(["cl", "v"] + extra + (["ka"] if self.oral else []))
 
     def predict(self, params: Mapping[str, torch.Tensor], events: Events) -> torch.Tensor:
-        from nlmefit.pk.closed_form import concentration
-
         return concentration(params, events, self.ncmt, self.oral)
 
 
@@ -81,8 +81,6 @@ class OdeStructure(Structure):
         return self.params_required
 
     def predict(self, params: Mapping[str, torch.Tensor], events: Events) -> torch.Tensor:
-        from nlmefit.pk.ode import solve
-
         n = events.n_subjects
         return solve(self.system, {k: v.expand(n, 1)[:, 0] for k, v in params.items()}, events,
                      rtol=self.rtol, atol=self.atol)

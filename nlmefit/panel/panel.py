@@ -11,8 +11,16 @@ import torch
 
 from nlmefit.errors import DataError
 from nlmefit.panel.columns import CANONICAL
-from nlmefit.panel.expand import ADDL_SEQ_OFFSET, epochs, expand_addl, locf, order_records, within_group_position
+from nlmefit.panel.expand import (
+    ADDL_SEQ_OFFSET,
+    epochs,
+    expand_addl,
+    locf,
+    order_records,
+    within_group_position,
+)
 from nlmefit.panel.validate import read_records
+from nlmefit.pk.events import Events
 
 __all__ = ["Panel"]
 
@@ -239,8 +247,6 @@ class Panel:
     def to_events(self, dose_route, device=None, dtype: torch.dtype = torch.float64):
         """The :class:`nlmefit.pk.events.Events` of this panel. ``dose_route`` [N, D] int: 0 central, 1 depot
         (decided by the model, e.g. from ``dose_cmt``)."""
-        from nlmefit.pk.events import Events
-
         route = torch.as_tensor(np.asarray(dose_route) if not torch.is_tensor(dose_route) else dose_route,
                                 device=device).to(torch.int64)
         if tuple(route.shape) != tuple(self.dose_time.shape):

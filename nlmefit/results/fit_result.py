@@ -29,6 +29,8 @@ import pandas as pd
 import torch
 from scipy.stats import norm
 
+from nlmefit import diagnostics as dg
+from nlmefit.panel import Panel
 from nlmefit.results.html import fit_result_html
 
 __all__ = ["FitResult", "SCHEMA_VERSION"]
@@ -162,6 +164,7 @@ class FitResult:
     def plot_traces(self, params: list[str] | None = None, ncols: int = 3):
         """Convergence traces, one panel per population parameter; the end of the exploration phase is marked.
         Returns the matplotlib Figure (never shown)."""
+        # matplotlib is imported only when plotting
         import matplotlib.pyplot as plt
 
         tr = self.traces
@@ -275,40 +278,28 @@ class FitResult:
     # ------------------------------------------------------------------ diagnostics (nlmefit.diagnostics)
     def plot_gof(self, **kwargs):
         """DV vs PRED/IPRED, CWRES vs TIME/PRED (see :func:`nlmefit.diagnostics.plot_gof`)."""
-        from nlmefit.diagnostics import plot_gof
-
-        return plot_gof(self, **kwargs)
+        return dg.plot_gof(self, **kwargs)
 
     def plot_individuals(self, **kwargs):
         """Paged individual fits (see :func:`nlmefit.diagnostics.plot_individuals`)."""
-        from nlmefit.diagnostics import plot_individuals
-
-        return plot_individuals(self, **kwargs)
+        return dg.plot_individuals(self, **kwargs)
 
     def plot_eta(self, covariates: bool = False, **kwargs):
         """η̂ distributions, or η̂ against covariates with ``covariates=True``."""
-        from nlmefit.diagnostics import plot_eta_covariates, plot_eta_distributions
-
-        return plot_eta_covariates(self, **kwargs) if covariates else plot_eta_distributions(self, **kwargs)
+        return dg.plot_eta_covariates(self, **kwargs) if covariates else dg.plot_eta_distributions(self, **kwargs)
 
     def npde(self, **kwargs):
         """NPDE by simulation from this fit (see :func:`nlmefit.diagnostics.npde`)."""
-        from nlmefit.diagnostics import npde
-
-        return npde(self, **kwargs)
+        return dg.npde(self, **kwargs)
 
     def vpc(self, **kwargs):
         """(pc)VPC by simulation from this fit (see :func:`nlmefit.diagnostics.vpc`)."""
-        from nlmefit.diagnostics import vpc
-
-        return vpc(self, **kwargs)
+        return dg.vpc(self, **kwargs)
 
     # ------------------------------------------------------------------ prediction
     def predict(self, new_data, individual: bool = False) -> pd.DataFrame:
         """Population predictions (PRED) for a DataFrame/Panel in the model's record layout; with
         ``individual=True`` subjects whose ID was fitted also get IPRED from their η̂."""
-        from nlmefit.panel import Panel  # the data layer is only needed for new data
-
         if self.model is None:
             raise ValueError("this FitResult has no model attached (it was read from JSON): pass "
                              "FitResult.from_json(path, model=...) to predict")

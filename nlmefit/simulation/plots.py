@@ -13,7 +13,7 @@ __all__ = ["plot_profile_bands", "plot_exposure_distributions", "plot_pta"]
 
 
 def _ax(ax, figsize=(6.4, 4.0)):
-    import matplotlib.pyplot as plt  # lazily: matplotlib is heavy and optional (only the plots need it)
+    import matplotlib.pyplot as plt  # matplotlib is imported only when plotting
 
     if ax is None:
         fig, ax = plt.subplots(figsize=figsize)

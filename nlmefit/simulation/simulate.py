@@ -16,6 +16,7 @@ import torch
 from nlmefit.errors import ModelSpecError
 from nlmefit.models.model import Model
 from nlmefit.models.parameters import Params
+from nlmefit.panel import Panel
 
 __all__ = ["simulate", "design_frame", "resolve_params"]
 
@@ -104,8 +105,6 @@ def simulate(
     Returns the records with a ``REP`` column and simulated ``DV`` on observation rows (natural scale).
     Reproducible: the same ``seed`` gives the same draws.
     """
-    from nlmefit.panel import Panel
-
     if data is None:
         if times is None or doses is None:
             raise ModelSpecError("give either data (a DataFrame of records) or a design: times= and doses=")
