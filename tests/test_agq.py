@@ -2,11 +2,11 @@
 linear-Gaussian model, AGQ as an estimator."""
 import math
 
+import linear_gaussian as lg
 import numpy as np
 import pytest
 import torch
 
-import linear_gaussian as lg
 import nlmefit
 from nlmefit.marginal.quadrature import gauss_hermite_grid
 from nlmefit.models.examples import wang2007

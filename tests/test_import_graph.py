@@ -297,7 +297,8 @@ def test_function_local_imports_say_why():
             first, last = node.lineno, node.end_lineno or node.lineno
             own = any(_is_reason(comments.get(i)) for i in range(first, last + 1))
             above = first - 1
-            above_is_comment = above >= 1 and lines[above - 1].lstrip().startswith("#") and _is_reason(comments.get(above))
+            above_is_comment = (above >= 1 and lines[above - 1].lstrip().startswith("#")
+                                and _is_reason(comments.get(above)))
             # a comment above a run of consecutive function-local imports covers the run
             in_run = any((n.end_lineno or n.lineno) == above and n.lineno in explained for n in local)
             if own or above_is_comment or in_run:

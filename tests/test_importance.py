@@ -1,14 +1,14 @@
 """Importance-sampling −2LL: exact on a linear-Gaussian model, honest Monte-Carlo SE, ESS warnings, and agreement
 with many-node AGQ on theo_sd and pheno_real at the FOCE-I optimum (the issue's ±0.05)."""
+import linear_gaussian as lg
 import numpy as np
 import pytest
 import torch
 
-import linear_gaussian as lg
 import nlmefit
 from nlmefit.marginal import importance_loglik, laplace_posterior
-from nlmefit.posteriors import GaussianPosterior
 from nlmefit.models.examples import pheno_real
+from nlmefit.posteriors import GaussianPosterior
 
 
 @pytest.fixture(scope="module")

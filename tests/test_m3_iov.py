@@ -1,6 +1,5 @@
 """M3 censoring and inter-occasion variability inside the conditional estimators (simulate-and-recover)."""
 import numpy as np
-import pandas as pd
 import pytest
 
 import nlmefit

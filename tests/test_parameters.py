@@ -1,7 +1,5 @@
 """ParameterSet: every map between natural, unconstrained and natural-vector forms round-trips."""
-import math
 
-import numpy as np
 import pytest
 import torch
 

@@ -10,11 +10,11 @@ import pytest
 import scipy.integrate
 import scipy.linalg
 import torch
+from pk_events import make_events
 
 from nlmefit.errors import ModelSpecError
 from nlmefit.pk.closed_form import concentration, macro_constants
 from nlmefit.pk.events import Events
-from pk_events import make_events
 
 DT = torch.float64
 

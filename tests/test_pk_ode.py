@@ -8,10 +8,10 @@ import pytest
 import scipy.linalg
 import scipy.special
 import torch
+from pk_events import make_events
 
 from nlmefit.pk import ode_models
 from nlmefit.pk.events import Events
-from pk_events import make_events
 from nlmefit.pk.ode import OdeSystem, solve
 
 DT = torch.float64

@@ -8,11 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from ppca_model import PPCA
 
 import nlmefit
 from nlmefit.marginal import marginal_loglik
 from nlmefit.models.protocol import LatentModel, Linearisable, MuReferenced
-from ppca_model import PPCA
 
 D, N = 4, 200
 W_TRUE = np.array([[1.5], [-1.0], [0.8], [0.3]])

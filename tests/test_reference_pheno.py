@@ -1,5 +1,4 @@
 """pheno_real vs NONMEM 7.4.2 FOCE-I (pharmpy test data): OFV at the initial values, estimates, sandwich SEs."""
-import math
 
 import numpy as np
 import pytest

@@ -2,11 +2,11 @@
 censoring in the M-step, exact posteriors from the MCMC kernels, traces and serialisation."""
 import sys
 
+import linear_gaussian as lg
 import numpy as np
 import pytest
 import torch
 
-import linear_gaussian as lg
 import nlmefit
 from nlmefit.estimators.mcmc import init_chains, mcmc_sweep
 from nlmefit.models.examples import pheno_real

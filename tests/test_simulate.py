@@ -4,7 +4,6 @@ import pandas as pd
 import pytest
 
 import nlmefit
-from nlmefit.models.parameters import fix
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,8 @@ def peak_rss_mb() -> float:
 def machine(device: str) -> str:
     if device.startswith("cuda") and torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)} (torch {torch.__version__})"
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads (torch {torch.__version__})"
+    cpu = platform.processor() or platform.machine()
+    return f"{cpu}, {torch.get_num_threads()} threads (torch {torch.__version__})"
 
 
 def population(n_subjects: int, n_obs: int = 10, seed: int = 0):

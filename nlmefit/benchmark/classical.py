@@ -38,7 +38,7 @@ def run(sizes: list[int], device: str, methods: list[str], fit_max: int) -> None
                 ("pheno_real", nlmefit.models.examples.pheno_real(), nlmefit.datasets.load("pheno"))]
     for n in sizes:
         model, df, _ = population(n)
-        problems.append((f"sim 1cmt_oral x10 obs", model, df))
+        problems.append(("sim 1cmt_oral x10 obs", model, df))
     for label, model, df in problems:
         n = int(df["ID"].nunique())
         for method in methods:

@@ -28,8 +28,9 @@ interval), is reported in ``VpcResult.blq``. Limits above (CENS = −1) are trea
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd

@@ -15,7 +15,8 @@ Adding an estimator = one module with a subclass decorated ``@register("name")``
 from __future__ import annotations
 
 import abc
-from typing import Callable, ClassVar
+from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 
@@ -27,7 +28,7 @@ from nlmefit.models.protocol import LatentModel, check_latent_model
 
 __all__ = ["Estimator", "register", "get_estimator", "REGISTRY", "COVARIANCE_KINDS"]
 
-REGISTRY: dict[str, type["Estimator"]] = {}
+REGISTRY: dict[str, type[Estimator]] = {}
 COVARIANCE_KINDS = (None, "sandwich", "r", "s")
 
 

@@ -19,5 +19,6 @@ from nlmefit.marginal.laplace import laplace_posterior
 from nlmefit.marginal.linearisation import Conditional, Linearisation, Quadrature, get_linearisation
 from nlmefit.marginal.quadrature import agq_m2ll, gauss_hermite_grid
 
-__all__ = ["LOG_2PI", "elbo", "iwae", "marginal_loglik", "PROPOSALS", "LoglikEstimate", "importance_loglik", "laplace_posterior", "Linearisation",
-           "Conditional", "Quadrature", "get_linearisation", "agq_m2ll", "gauss_hermite_grid"]
+__all__ = ["LOG_2PI", "elbo", "iwae", "marginal_loglik", "PROPOSALS", "LoglikEstimate", "importance_loglik",
+           "laplace_posterior", "Linearisation", "Conditional", "Quadrature", "get_linearisation", "agq_m2ll",
+           "gauss_hermite_grid"]

@@ -27,10 +27,10 @@ import torch
 
 from nlmefit.errors import EstimationError
 from nlmefit.marginal.autodiff import grad_sep, hessian_sep, jacobian_sep
-from nlmefit.models.error import obs_loglik
 from nlmefit.models.data import ObservationData as ModelData
-from nlmefit.models.protocol import LatentModel as Model
+from nlmefit.models.error import obs_loglik
 from nlmefit.models.parameters import Params
+from nlmefit.models.protocol import LatentModel as Model
 
 __all__ = ["fo_m2ll", "conditional_objective", "conditional_m2ll", "laplace_pieces", "cholesky_logdet", "METHODS",
            "LOG_2PI"]

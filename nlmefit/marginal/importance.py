@@ -29,7 +29,6 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
-
 from torch.distributions import Distribution
 
 from nlmefit.errors import EstimationError

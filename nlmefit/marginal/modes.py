@@ -6,8 +6,8 @@ the loop ends when all have. Warm starts come from the previous outer iteration.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -37,7 +37,7 @@ class ObservationData:
     n_occ: int
 
     @classmethod
-    def from_panel(cls, panel, q: int, device=None, dtype=torch.float64) -> "ObservationData":
+    def from_panel(cls, panel, q: int, device=None, dtype=torch.float64) -> ObservationData:
         """The observations of a :class:`~nlmefit.panel.Panel` (DV as is, M3 limits kept), for ``q`` random
         effects per subject. Doses and covariates are not carried: models that need them use ModelData."""
         if not isinstance(panel, Panel):
@@ -79,12 +79,12 @@ class ObservationData:
         """Rough number of floating-point terms one likelihood evaluation of all subjects takes (chunking)."""
         return int(self.y.numel())
 
-    def index(self, idx) -> "ObservationData":
+    def index(self, idx) -> ObservationData:
         """The data of a subset (shard) of subjects."""
         return replace(self, panel=_SubsetPanel.of(self.panel, idx), y=self.y[idx], mask=self.mask[idx],
                        cens=self.cens[idx], limit=self.limit[idx])
 
-    def with_mask(self, mask: torch.Tensor) -> "ObservationData":
+    def with_mask(self, mask: torch.Tensor) -> ObservationData:
         """Condition on a subset of observations (doses stay in)."""
         return replace(self, mask=self.mask & mask)
 
@@ -101,7 +101,7 @@ class ModelData(ObservationData):
     def cost_per_draw(self) -> int:
         return int(self.y.numel()) * max(1, int(self.events.dose_time.shape[-1]))
 
-    def index(self, idx) -> "ModelData":
+    def index(self, idx) -> ModelData:
         base = super().index(idx)
         return replace(base, events=self.events.index(idx), cov={k: v[idx] for k, v in self.cov.items()},
                        occ=self.occ[idx])

@@ -19,14 +19,15 @@ Censored observations (M3, Beal 2001): an observation below its limit (``cens = 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 
 from nlmefit.errors import ModelSpecError
 
-__all__ = ["ErrorModel", "Additive", "Proportional", "Combined1", "Combined2", "ERROR_MODELS", "get_error_model", "obs_loglik", "LOG_2PI"]
+__all__ = ["ErrorModel", "Additive", "Proportional", "Combined1", "Combined2", "ERROR_MODELS", "get_error_model",
+           "obs_loglik", "LOG_2PI"]
 
 LOG_2PI = math.log(2 * math.pi)
 

@@ -7,8 +7,8 @@ command line or a file cannot run code. The leading ``1 +`` of a lifelines-style
 from __future__ import annotations
 
 import ast
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 

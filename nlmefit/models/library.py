@@ -8,7 +8,7 @@ them.
 """
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from nlmefit.errors import ModelSpecError
 from nlmefit.models.model import Model

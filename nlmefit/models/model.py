@@ -14,7 +14,7 @@ formula sees an estimator.
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
@@ -120,7 +120,7 @@ class Model:
     def initial_params(self, dtype=torch.float64, device=None) -> Params:
         return self.parameters.initial(dtype, device)
 
-    def with_initial(self, params: Params) -> "Model":
+    def with_initial(self, params: Params) -> Model:
         """A copy of the model whose initial values are ``params``."""
         new = object.__new__(Model)
         new.__dict__.update(self.__dict__)

@@ -15,8 +15,8 @@ The covariance step works in the *natural* vector (θ, free Ω elements as varia
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -142,7 +142,7 @@ class Params:
     omega_iov: torch.Tensor | None = None  # [..., r, r]
     weights: dict[str, torch.Tensor] = field(default_factory=dict)  # tensor-valued parameters [..., *shape]
 
-    def detach(self) -> "Params":
+    def detach(self) -> Params:
         return Params(
             {k: v.detach() for k, v in self.theta.items()},
             self.omega.detach(),
@@ -151,7 +151,7 @@ class Params:
             {k: v.detach() for k, v in self.weights.items()},
         )
 
-    def to(self, device=None, dtype=None) -> "Params":
+    def to(self, device=None, dtype=None) -> Params:
         """The same values on another device / dtype."""
         def mv(v: torch.Tensor) -> torch.Tensor:
             return v.to(device=device, dtype=dtype or v.dtype)
@@ -286,7 +286,7 @@ class ParameterSet:
             {k: v.to(**kw) for k, v in self.weights.items()},
         )
 
-    def with_values(self, params: Params) -> "ParameterSet":
+    def with_values(self, params: Params) -> ParameterSet:
         """A copy of this specification whose initial values are ``params`` (bounds and FIX kept)."""
         th = {k: Param(float(params.theta[k]), p.lower, p.upper, p.fixed) for k, p in self.theta.items()}
         sg = {k: Param(float(params.sigma[k]), p.lower, p.upper, p.fixed) for k, p in self.sigma.items()}

@@ -93,7 +93,7 @@ class Panel:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_dataframe(cls, df: pd.DataFrame, *, sort: bool = False, require_dv: bool = True,
-                       covariates: Sequence[str] | None = None, **column_map: str) -> "Panel":
+                       covariates: Sequence[str] | None = None, **column_map: str) -> Panel:
         """Validate a NONMEM-style DataFrame and build the padded panel.
 
         ``sort``: stable-sort records by ID then TIME (otherwise records must already be in that order).
@@ -260,7 +260,7 @@ class Panel:
                       dose_epoch=t("dose_epoch"))
 
     # ------------------------------------------------------------------ subsets and frames
-    def subset(self, index) -> "Panel":
+    def subset(self, index) -> Panel:
         """The panel of a subset of subjects (by position: ints, a slice or a boolean mask), trimmed padding."""
         idx = np.arange(self.n_subjects)[index]
         idx = np.atleast_1d(idx).astype(np.int64)

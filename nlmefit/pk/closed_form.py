@@ -38,7 +38,7 @@ Tensors are ``[N, J, D, ncmt]`` (observations × doses × exponentials); memory 
 """
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 

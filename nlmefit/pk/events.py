@@ -42,7 +42,7 @@ class Events:
     def n_subjects(self) -> int:
         return self.obs_time.shape[0]
 
-    def to(self, device=None, dtype=None) -> "Events":
+    def to(self, device=None, dtype=None) -> Events:
         """Move to ``device``; floating tensors are cast to ``dtype`` when given."""
         out = {}
         for f in fields(self):
@@ -54,7 +54,7 @@ class Events:
             out[f.name] = t
         return replace(self, **out)
 
-    def index(self, idx: torch.Tensor | slice) -> "Events":
+    def index(self, idx: torch.Tensor | slice) -> Events:
         """The events of a subset of subjects (a shard)."""
         return replace(self, **{f.name: getattr(self, f.name)[idx] for f in fields(self)})
 

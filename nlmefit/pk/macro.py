@@ -28,7 +28,7 @@ A_k formula singular; they do not occur for positive parameters with distinct ph
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 

@@ -16,8 +16,8 @@ Agreement with the per-dose closed form is tested to 1e−10 (``tests/test_pk_tr
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import torch
 

@@ -65,6 +65,6 @@ class EmpiricalPosterior(Distribution):
             return GaussianPosterior(loc, chol, kind="posterior")
         return StudentTPosterior(df, loc, chol, kind="posterior")
 
-    def index(self, idx) -> "EmpiricalPosterior":
+    def index(self, idx) -> EmpiricalPosterior:
         """The posterior of a subset of subjects."""
         return EmpiricalPosterior(self.draws[:, idx], self.kind)

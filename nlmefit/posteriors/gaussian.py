@@ -18,7 +18,7 @@ class GaussianPosterior(MultivariateNormal):
         self.kind = kind
 
     @classmethod
-    def from_draws(cls, draws: torch.Tensor, inflate: float = 1.0) -> "GaussianPosterior":
+    def from_draws(cls, draws: torch.Tensor, inflate: float = 1.0) -> GaussianPosterior:
         """Moment-matched to draws [S, N, q] (a small relative jitter keeps the covariance positive definite)."""
         loc, chol = moments(draws, inflate)
         return cls(loc, chol, kind="moments")

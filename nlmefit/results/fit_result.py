@@ -5,7 +5,9 @@ It never re-runs a fit and is immutable in use: operations that add information 
 ``traces`` (per-iteration parameter values, with ``phases``), ``likelihoods`` (marginal −2LL evaluations by
 method), ``posterior`` (q(η_i) as a Distribution: Laplace for the classical methods, MCMC draws for SAEM/NUTS),
 ``mcmc`` (a sampler's diagnostics table), ``weights`` (tensor-valued parameters, saved beside the JSON as a
-``.pt`` file read back with ``weights_only=True``) and a ``diagnostics`` cache. Field names follow what pharmacometricians expect (pharmpy's ``ModelfitResults``:
+``.pt`` file read back with ``weights_only=True``) and a ``diagnostics`` cache.
+
+Field names follow what pharmacometricians expect (pharmpy's ``ModelfitResults``:
 ``ofv``, ``parameter_estimates``, ``standard_errors``, ``individual_estimates``, ``predictions``,
 ``minimization_successful``) and statsmodels' (``params``, ``bse``, ``conf_int()``, ``cov_params()``).
 
@@ -21,8 +23,9 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -142,11 +145,11 @@ class FitResult:
         """η draws [S, N, q] when the posterior is a set of MCMC draws (SAEM, NUTS), else None."""
         return getattr(self.posterior, "draws", None)
 
-    def replace(self, **changes) -> "FitResult":
+    def replace(self, **changes) -> FitResult:
         """A new FitResult with ``changes`` applied (this one is left as it is)."""
         return dataclasses.replace(self, **changes)
 
-    def with_likelihood(self, estimate) -> "FitResult":
+    def with_likelihood(self, estimate) -> FitResult:
         """A new FitResult that also records ``estimate`` (a :class:`~nlmefit.marginal.LoglikEstimate`)."""
         return self.replace(likelihoods={**self.likelihoods, estimate.method: estimate.summary()})
 
@@ -367,7 +370,7 @@ class FitResult:
         _atomic_write(path, lambda fh: json.dump(self.to_dict(), fh, indent=1, allow_nan=False))
 
     @classmethod
-    def from_dict(cls, d: dict, model=None, weights: Mapping[str, torch.Tensor] | None = None) -> "FitResult":
+    def from_dict(cls, d: dict, model=None, weights: Mapping[str, torch.Tensor] | None = None) -> FitResult:
         version = d.get("schema_version", 1)
         if version == 1:
             d = _upgrade_v1(d)
@@ -396,7 +399,7 @@ class FitResult:
         )
 
     @classmethod
-    def from_json(cls, path: str | os.PathLike, model=None) -> "FitResult":
+    def from_json(cls, path: str | os.PathLike, model=None) -> FitResult:
         """Read a result written by :meth:`to_json` (weights from the ``.pt`` beside it, loaded with
         ``torch.load(weights_only=True)``: no code is unpickled)."""
         path = os.fspath(path)

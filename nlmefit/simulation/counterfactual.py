@@ -24,17 +24,17 @@ covariates only (a counterfactual subject carries no observed covariate history)
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
 from nlmefit.errors import ModelSpecError
+from nlmefit.marginal.laplace import laplace_posterior
 from nlmefit.models.model import Model, ModelData
 from nlmefit.models.parameters import Params
-from nlmefit.marginal.laplace import laplace_posterior
 from nlmefit.models.structure import ClosedForm
 from nlmefit.pk.trains import DoseTrain
 from nlmefit.posteriors.rng import seeded
@@ -423,7 +423,8 @@ def _encode(table: pd.DataFrame, panel) -> np.ndarray:
         if levels:
             unknown = sorted(set(col) - set(levels))
             if unknown:
-                raise ModelSpecError(f"covariate {c!r}: levels {unknown} were not in the fitted data ({sorted(levels)})")
+                raise ModelSpecError(f"covariate {c!r}: levels {unknown} were not in the fitted data "
+                                     f"({sorted(levels)})")
             out[:, k] = col.map(levels).to_numpy(float)
         else:
             try:

@@ -22,7 +22,7 @@ Per simulated subject, over [t0, t1] (the last dosing interval by default), from
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd

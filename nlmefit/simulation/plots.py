@@ -4,7 +4,7 @@ Each returns a matplotlib Figure (drawing on ``ax=`` when given) and never calls
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -75,7 +76,8 @@ class Phase:
         s("rate", _positive("rate", self.rate, allow_none=True))
         if route == "infusion" and (self.duration is None) == (self.rate is None):
             raise ModelSpecError("duration/rate: expected exactly one of duration (h) or rate "
-                                 f"({unit} per h) for an infusion, got {'neither' if self.duration is None else 'both'}")
+                                 f"({unit} per h) for an infusion, got "
+                                 f"{'neither' if self.duration is None else 'both'}")
         if route != "infusion" and (self.duration is not None or self.rate is not None):
             raise ModelSpecError(f"duration/rate: expected none for route {route!r} (only infusions have a "
                                  f"duration or rate)")
@@ -167,7 +169,7 @@ class Regimen:
 
     # ---- construction
     @classmethod
-    def parse(cls, text: str, label: str | None = None) -> "Regimen":
+    def parse(cls, text: str, label: str | None = None) -> Regimen:
         """Parse the regimen grammar (docs/regimens.md); errors name the position and token."""
         if isinstance(text, Regimen):
             return text
@@ -187,14 +189,14 @@ class Regimen:
                                  f"{e}") from None
 
     @classmethod
-    def coerce(cls, obj: "Regimen | str") -> "Regimen":
+    def coerce(cls, obj: Regimen | str) -> Regimen:
         """A Regimen from a Regimen or a string."""
         return obj if isinstance(obj, Regimen) else cls.parse(obj)
 
     @classmethod
     def repeated(cls, amount: float, interval: float | None = None, n_doses: int = 1, *, unit: str = "mg",
                  route: str = "bolus", duration: float | None = None, rate: float | None = None,
-                 start: float = 0.0, lag: float = 0.0, label: str | None = None) -> "Regimen":
+                 start: float = 0.0, lag: float = 0.0, label: str | None = None) -> Regimen:
         """One phase: ``n_doses`` doses every ``interval`` h from ``start``."""
         return cls((Phase(amount, unit, route, duration, rate, interval, n_doses, start, lag),), label=label)
 
@@ -202,13 +204,13 @@ class Regimen:
     def loading_maintenance(cls, loading: float, amount: float, interval: float, n_doses: int, *,
                             unit: str = "mg", route: str = "bolus", duration: float | None = None,
                             rate: float | None = None, start: float = 0.0, lag: float = 0.0,
-                            label: str | None = None) -> "Regimen":
+                            label: str | None = None) -> Regimen:
         """A ``loading`` dose at ``start``, then ``n_doses`` maintenance doses of ``amount`` every ``interval`` h
         from ``start + interval`` (same unit, route and infusion duration or rate)."""
         first = Phase(loading, unit, route, duration, rate, None, 1, start, lag)
         return cls((first, Phase(amount, unit, route, duration, rate, interval, n_doses, None, lag)), label=label)
 
-    def with_label(self, label: str) -> "Regimen":
+    def with_label(self, label: str) -> Regimen:
         return dataclasses.replace(self, label=label)
 
     # ---- text

@@ -7,7 +7,7 @@ first (:func:`design_frame`). All replicates and subjects are drawn in one batch
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
