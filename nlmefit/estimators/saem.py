@@ -152,155 +152,54 @@ class SAEM(Estimator):
         if seed is None:
             seed = int(np.random.SeedSequence().entropy % (2 ** 31))
         model, mdata = self.bind(model, data, init)
-        pset = model.parameters
-        dev = mdata.y.device
-        gen = torch.Generator(device=dev)
-        gen.manual_seed(seed)
-        n, q, d = mdata.n_subjects, mdata.q, len(model.eta_names)
-        n_chains = self.n_chains or max(1, math.ceil(200 / n))
-        p = pset.initial(torch.float64, dev)
-        cens = bool((mdata.cens[mdata.mask] != 0).any())
-        sig_free = [k for k, s in pset.sigma.items() if not s.fixed]
-        # σ² in closed form when Var(y) = σ²·g(f) with one σ (additive, proportional, exponential)
-        error = getattr(model, "error", None)
-        closed_sigma = error is not None and len(error.sigma_names) == 1 and not cens and len(sig_free) == 1
-        th_free = [k for k, s in pset.theta.items() if not s.fixed]
-        # θ, the weights, and σ unless it has a closed form take the Newton step (indices by name: the
-        # unconstrained and natural vectors share their order)
-        newton_names = set(th_free) | set(pset.weight_names)
-        if not closed_sigma:
-            newton_names |= {f"sigma_{k}" for k in sig_free}
-        newton_idx = [i for i, nm in enumerate(pset.natural_names) if nm in newton_names]
-        newton_idx_t = torch.tensor(newton_idx, dtype=torch.long, device=dev)
-
-        state = init_chains(n_chains, torch.zeros(n, q, dtype=torch.float64, device=dev))
-        S2 = torch.zeros(q, q, dtype=torch.float64, device=dev)
-        Psi = torch.zeros(n, q, dtype=torch.float64, device=dev)
-        s_sig = torch.zeros((), dtype=torch.float64, device=dev)
-        A = None
-        n_obs = max(1, mdata.n_uncensored)
+        run = _Run(self, model, mdata, seed)
+        p = run.pset.initial(torch.float64, mdata.y.device)
+        state = init_chains(run.n_chains, torch.zeros(mdata.n_subjects, mdata.q, dtype=torch.float64,
+                                                      device=mdata.y.device))
+        names = list(run.pset.natural_dict(p))
         draws: list[torch.Tensor] = []
-        n_iter = self.n_explore + self.n_smooth
-        keep_every = max(1, self.n_smooth // max(1, self.keep_draws))
         trace_rows: list[list[float]] = []
-        names = list(pset.natural_dict(p))
-
-        def complete_loglik(v: torch.Tensor, psi: torch.Tensor, p_base: Params) -> torch.Tensor:
-            """log p(y_i, ψ_ci | θ(v)) per chain and subject, [C, N]."""
-            u = pset.to_unconstrained(p_base).detach().clone()
-            u = u.index_put((newton_idx_t,), v)
-            pv = pset.from_unconstrained(u)
-            eta = psi - self._mu(model, pv, mdata)
-            return model.log_lik(pv, eta, mdata) + model.log_prior(pv, eta, mdata.n_occ)
-
-        P = len(newton_idx)
-        G_i = torch.zeros(n, P, dtype=torch.float64, device=dev)  # SA of E[∇ℓ_i]
-        S_gg = torch.zeros(P, P, dtype=torch.float64, device=dev)  # SA of Σ_i E[∇ℓ_i ∇ℓ_iᵀ]
+        keep_every = max(1, self.n_smooth // max(1, self.keep_draws))
+        n_iter = self.n_explore + self.n_smooth
         for k in range(1, n_iter + 1):
             explore = k <= self.n_explore
             gamma = 1.0 if explore else (k - self.n_explore) ** (-self.step_exponent)
-            # E-step
-            state = mcmc_sweep(model, p, mdata, state, self.kernels, gen, adapt=explore, target=self.target_accept)
+            state = mcmc_sweep(model, p, mdata, state, self.kernels, run.gen, adapt=explore,
+                               target=self.target_accept)  # E-step
             with torch.no_grad():
-                mu_old = self._mu(model, p, mdata)
-            psi = state.eta + mu_old  # [C, N, q]
-            # M-step for θ (and σ of combined / censored models): one stochastic-approximation Newton step
-            if P:
-                v0 = pset.to_unconstrained(p).detach()[newton_idx_t]
-                vv = v0.clone().requires_grad_(True)
-                with torch.enable_grad():
-                    lmat = complete_loglik(vv, psi, p)  # [C, N]
-                    (g,) = torch.autograd.grad(lmat.sum() / n_chains, vv, create_graph=True)
-                    Hm = torch.stack([torch.autograd.grad(g[j], vv, retain_graph=True)[0] for j in range(P)])
-                    dummy = torch.zeros_like(lmat, requires_grad=True)
-                    (vjp,) = torch.autograd.grad(lmat, vv, dummy, create_graph=True)
-                    g_ci = torch.stack([torch.autograd.grad(vjp[j], dummy, retain_graph=True)[0]
-                                        for j in range(P)], -1).detach()  # [C, N, P]
-                B = -0.5 * (Hm + Hm.T).detach()
-                g = g.detach()
-                if torch.isfinite(B).all() and torch.isfinite(g).all() and torch.isfinite(g_ci).all():
-                    A = B if (A is None or explore) else A + gamma * (B - A)
-                    G_i = G_i + gamma * (g_ci.mean(0) - G_i)
-                    S_gg = S_gg + gamma * (torch.einsum("cnp,cnr->pr", g_ci, g_ci) / n_chains - S_gg)
-                    gain = A
-                    if not explore:
-                        # Louis: observed information = complete − missing; the right gain for the
-                        # Robbins–Monro step (the complete-data one would converge at rate k^(−I_obs/I_comp))
-                        louis = A - (S_gg - G_i.T @ G_i)
-                        louis = 0.5 * (louis + louis.T)
-                        wl = torch.linalg.eigvalsh(louis)
-                        if bool(wl.min() > 1e-3 * wl.max()):
-                            gain = louis
-                    w, V = torch.linalg.eigh(gain)
-                    w = torch.maximum(w.abs(), 1e-8 * w.abs().max().clamp_min(1e-12))
-                    step = gamma * (V @ ((V.T @ g) / w))
-                    big = step.abs().max()
-                    if big > self.max_step:
-                        step = step * (self.max_step / big)
-                    u = pset.to_unconstrained(p).detach().clone()
-                    u[newton_idx_t] = v0 + step
-                    p = pset.from_unconstrained(u)
+                psi = state.eta + self._mu(model, p, mdata)  # [C, N, q]
+            p = run.theta_step(p, psi, gamma, explore)
             with torch.no_grad():
                 p = p.detach()
-                mu = self._mu(model, p, mdata)
-                state.eta = psi - mu  # re-centre the chains on the new typical values
-                # stochastic approximation of the statistics
-                S2 = S2 + gamma * (torch.einsum("cnq,cnr->qr", psi, psi) / (n_chains * n) - S2)
-                Psi = Psi + gamma * (psi.mean(0) - Psi)
-                om_full = S2 - (Psi.T @ mu + mu.T @ Psi) / n + (mu.T @ mu) / n
-                om_full = 0.5 * (om_full + om_full.T)
-                new_omega = _project_omega(pset.omega, om_full[:d, :d], p.omega)
-                if explore and self.anneal < 1:
-                    new_omega = _anneal(new_omega, p.omega, self.anneal)
-                new_iov = p.omega_iov
-                n_iov = len(getattr(pset, "iov_names", []))
-                if n_iov and mdata.n_occ:
-                    r = n_iov
-                    blocks = [om_full[d + j * r:d + (j + 1) * r, d + j * r:d + (j + 1) * r]
-                              for j in range(mdata.n_occ)]
-                    new_iov = _project_omega(pset.omega_iov, torch.stack(blocks).mean(0), p.omega_iov)
-                    if explore and self.anneal < 1:
-                        new_iov = _anneal(new_iov, p.omega_iov, self.anneal)
-                sigma = dict(p.sigma)
-                if closed_sigma:
-                    sname = sig_free[0]
-                    unit = {sname: torch.ones((), dtype=torch.float64, device=dev)}
-                    f, _ = model.predict(p, state.eta, mdata)
-                    v = model.error.variance(f, unit)
-                    m = mdata.mask
-                    r2 = torch.where(m, (mdata.y - f) ** 2 / torch.where(m, v, torch.ones_like(v)),
-                                     torch.zeros_like(f))
-                    s_sig = s_sig + gamma * (r2.sum() / (n_chains * n_obs) - s_sig)
-                    s2 = s_sig
-                    if explore and self.anneal < 1:
-                        s2 = torch.maximum(s2, self.anneal * p.sigma[sname] ** 2)
-                    sigma[sname] = torch.sqrt(s2)
-                p = Params(dict(p.theta), new_omega, sigma, new_iov, dict(p.weights))
+                state.eta = psi - self._mu(model, p, mdata)  # re-centre the chains on the new typical values
+                p = run.m_step(p, psi, state.eta, gamma, explore)
                 if not explore and (k - self.n_explore) % keep_every == 0:
                     draws.append(state.eta.clone())
-                nat = pset.natural_dict(p)
+                nat = run.pset.natural_dict(p)
                 trace_rows.append([k] + [nat[c] for c in names])
             if self._progress is not None:
                 self._progress(k, float("nan"))
-
-        # final estimates, modes, OFV by IS/AGQ, result
-        p_hat = p
         post = EmpiricalPosterior(torch.cat(draws[-self.keep_draws:], 0) if draws else state.eta.clone(), "saem")
+        traces = pd.DataFrame(trace_rows, columns=["iteration"] + names).set_index("iteration")
+        res = self._result(model, mdata, p, post, traces, state.acceptance(), seed, t0)
+        return res.replace(elapsed_s=time.perf_counter() - t0)
+
+    def _result(self, model, mdata, p_hat: Params, post: EmpiricalPosterior, traces: pd.DataFrame,
+                acceptance: dict, seed: int, t0: float):
+        """Modes, stability verdict, the OFV by IS/AGQ and the FitResult at the final estimates."""
         lin = self.linearisation
         eta_hat = lin.modes(model, p_hat, mdata, post.mean)
-        converged, conv_msg = self._stability(np.asarray(trace_rows)[:, 1:], names, pset)
+        converged, conv_msg = self._stability(traces.to_numpy(), list(traces.columns), model.parameters)
         if not converged:
-            warnings.warn(f"saem: {conv_msg}", stacklevel=2)
+            warnings.warn(f"saem: {conv_msg}", stacklevel=3)
         lik = marginal_loglik(model, p_hat, mdata, method=self.ofv_method, n_samples=self.n_samples,
                               proposal=self.proposal, posterior=post, n_nodes=self.n_nodes, seed=seed,
                               eta0=eta_hat)
-        traces = pd.DataFrame(trace_rows, columns=["iteration"] + names).set_index("iteration")
-        res = build_result(self, model, mdata, p_hat, eta_hat, linearisation=lin, n_iter=n_iter,
-                           converged=converged, messages=[conv_msg], elapsed=time.perf_counter() - t0, seed=seed,
-                           likelihood=lik, traces=traces, phases={"explore": self.n_explore},
-                           acceptance=state.acceptance(), posterior=post,
-                           covariance_prefix="FOCE-I linearisation at the SAEM estimates: ")
-        return res.replace(elapsed_s=time.perf_counter() - t0)
+        return build_result(self, model, mdata, p_hat, eta_hat, linearisation=lin,
+                            n_iter=self.n_explore + self.n_smooth, converged=converged, messages=[conv_msg],
+                            elapsed=time.perf_counter() - t0, seed=seed, likelihood=lik, traces=traces,
+                            phases={"explore": self.n_explore}, acceptance=acceptance, posterior=post,
+                            covariance_prefix="FOCE-I linearisation at the SAEM estimates: ")
 
     def _stability(self, tr: np.ndarray, names: list[str], pset) -> tuple[bool, str]:
         """Did the free parameters settle? Compare the last value with the value 20 % of the smoothing
@@ -316,3 +215,125 @@ class SAEM(Estimator):
             return False, (f"parameters still moving at the end of the smoothing phase: {moved}; increase "
                            f"n_explore / n_smooth")
         return True, f"saem: {len(tr)} iterations; parameters stable over the last {lag}"
+
+
+class _Run:
+    """One SAEM run's fixed setup and stochastic-approximation statistics (see the module docstring)."""
+
+    def __init__(self, saem: SAEM, model: LatentModel, mdata, seed: int) -> None:
+        self.saem, self.model, self.mdata = saem, model, mdata
+        self.pset = pset = model.parameters
+        dev = mdata.y.device
+        self.gen = torch.Generator(device=dev)
+        self.gen.manual_seed(seed)
+        n, q = mdata.n_subjects, mdata.q
+        self.n_chains = saem.n_chains or max(1, math.ceil(200 / n))
+        cens = bool((mdata.cens[mdata.mask] != 0).any())
+        self.sig_free = [k for k, s in pset.sigma.items() if not s.fixed]
+        # σ² in closed form when Var(y) = σ²·g(f) with one σ (additive, proportional, exponential)
+        error = getattr(model, "error", None)
+        self.closed_sigma = (error is not None and len(error.sigma_names) == 1 and not cens
+                             and len(self.sig_free) == 1)
+        # θ, the weights, and σ unless it has a closed form take the Newton step (indices by name: the
+        # unconstrained and natural vectors share their order)
+        newton = {k for k, s in pset.theta.items() if not s.fixed} | set(pset.weight_names)
+        if not self.closed_sigma:
+            newton |= {f"sigma_{k}" for k in self.sig_free}
+        idx = [i for i, nm in enumerate(pset.natural_names) if nm in newton]
+        self.newton_idx = torch.tensor(idx, dtype=torch.long, device=dev)
+        P = len(idx)
+        kw = dict(dtype=torch.float64, device=dev)
+        self.S2, self.Psi, self.s_sig = torch.zeros(q, q, **kw), torch.zeros(n, q, **kw), torch.zeros((), **kw)
+        self.A: torch.Tensor | None = None  # SA of the complete-data information
+        self.G_i = torch.zeros(n, P, **kw)  # SA of E[∇ℓ_i]
+        self.S_gg = torch.zeros(P, P, **kw)  # SA of Σ_i E[∇ℓ_i ∇ℓ_iᵀ]
+
+    def complete_loglik(self, v: torch.Tensor, psi: torch.Tensor, p_base: Params) -> torch.Tensor:
+        """log p(y_i, ψ_ci | θ(v)) per chain and subject, [C, N]."""
+        u = self.pset.to_unconstrained(p_base).detach().clone()
+        pv = self.pset.from_unconstrained(u.index_put((self.newton_idx,), v))
+        eta = psi - self.saem._mu(self.model, pv, self.mdata)
+        return self.model.log_lik(pv, eta, self.mdata) + self.model.log_prior(pv, eta, self.mdata.n_occ)
+
+    def _derivatives(self, v0: torch.Tensor, psi: torch.Tensor, p: Params):
+        """(gradient [P], complete-data information [P, P], per-chain-and-subject gradients [C, N, P])."""
+        P = v0.numel()
+        vv = v0.clone().requires_grad_(True)
+        with torch.enable_grad():
+            lmat = self.complete_loglik(vv, psi, p)  # [C, N]
+            (g,) = torch.autograd.grad(lmat.sum() / self.n_chains, vv, create_graph=True)
+            Hm = torch.stack([torch.autograd.grad(g[j], vv, retain_graph=True)[0] for j in range(P)])
+            dummy = torch.zeros_like(lmat, requires_grad=True)
+            (vjp,) = torch.autograd.grad(lmat, vv, dummy, create_graph=True)
+            g_ci = torch.stack([torch.autograd.grad(vjp[j], dummy, retain_graph=True)[0]
+                                for j in range(P)], -1).detach()
+        return g.detach(), -0.5 * (Hm + Hm.T).detach(), g_ci
+
+    def theta_step(self, p: Params, psi: torch.Tensor, gamma: float, explore: bool) -> Params:
+        """θ (and σ of combined / censored models): one stochastic-approximation Newton step."""
+        if not self.newton_idx.numel():
+            return p
+        v0 = self.pset.to_unconstrained(p).detach()[self.newton_idx]
+        g, B, g_ci = self._derivatives(v0, psi, p)
+        if not (torch.isfinite(B).all() and torch.isfinite(g).all() and torch.isfinite(g_ci).all()):
+            return p
+        self.A = B if (self.A is None or explore) else self.A + gamma * (B - self.A)
+        self.G_i = self.G_i + gamma * (g_ci.mean(0) - self.G_i)
+        self.S_gg = self.S_gg + gamma * (torch.einsum("cnp,cnr->pr", g_ci, g_ci) / self.n_chains - self.S_gg)
+        gain = self.A
+        if not explore:
+            # Louis: observed information = complete − missing; the right gain for the Robbins–Monro step
+            # (the complete-data one would converge at rate k^(−I_obs/I_comp))
+            louis = self.A - (self.S_gg - self.G_i.T @ self.G_i)
+            louis = 0.5 * (louis + louis.T)
+            wl = torch.linalg.eigvalsh(louis)
+            if bool(wl.min() > 1e-3 * wl.max()):
+                gain = louis
+        w, V = torch.linalg.eigh(gain)
+        w = torch.maximum(w.abs(), 1e-8 * w.abs().max().clamp_min(1e-12))
+        step = gamma * (V @ ((V.T @ g) / w))
+        big = step.abs().max()
+        if big > self.saem.max_step:
+            step = step * (self.saem.max_step / big)
+        u = self.pset.to_unconstrained(p).detach().clone()
+        u[self.newton_idx] = v0 + step
+        return self.pset.from_unconstrained(u)
+
+    def m_step(self, p: Params, psi: torch.Tensor, eta: torch.Tensor, gamma: float, explore: bool) -> Params:
+        """Stochastic approximation of the statistics, then Ω (and σ where closed) in closed form."""
+        n, d = self.mdata.n_subjects, len(self.model.eta_names)
+        anneal = self.saem.anneal if explore and self.saem.anneal < 1 else None
+        mu = self.saem._mu(self.model, p, self.mdata)
+        self.S2 = self.S2 + gamma * (torch.einsum("cnq,cnr->qr", psi, psi) / (self.n_chains * n) - self.S2)
+        self.Psi = self.Psi + gamma * (psi.mean(0) - self.Psi)
+        om_full = self.S2 - (self.Psi.T @ mu + mu.T @ self.Psi) / n + (mu.T @ mu) / n
+        om_full = 0.5 * (om_full + om_full.T)
+        new_omega = _project_omega(self.pset.omega, om_full[:d, :d], p.omega)
+        if anneal:
+            new_omega = _anneal(new_omega, p.omega, anneal)
+        new_iov = p.omega_iov
+        r = len(getattr(self.pset, "iov_names", []))
+        if r and self.mdata.n_occ:
+            blocks = [om_full[d + j * r:d + (j + 1) * r, d + j * r:d + (j + 1) * r] for j in range(self.mdata.n_occ)]
+            new_iov = _project_omega(self.pset.omega_iov, torch.stack(blocks).mean(0), p.omega_iov)
+            if anneal:
+                new_iov = _anneal(new_iov, p.omega_iov, anneal)
+        sigma = dict(p.sigma)
+        if self.closed_sigma:
+            sigma[self.sig_free[0]] = self._closed_sigma(p, eta, gamma, anneal)
+        return Params(dict(p.theta), new_omega, sigma, new_iov, dict(p.weights))
+
+    def _closed_sigma(self, p: Params, eta: torch.Tensor, gamma: float, anneal: float | None) -> torch.Tensor:
+        """σ = √(SA of mean r²/g(f)) for Var(y) = σ²·g(f)."""
+        sname, mdata = self.sig_free[0], self.mdata
+        unit = {sname: torch.ones((), dtype=torch.float64, device=mdata.y.device)}
+        f, _ = self.model.predict(p, eta, mdata)
+        v = self.model.error.variance(f, unit)
+        m = mdata.mask
+        r2 = torch.where(m, (mdata.y - f) ** 2 / torch.where(m, v, torch.ones_like(v)), torch.zeros_like(f))
+        n_obs = max(1, mdata.n_uncensored)
+        self.s_sig = self.s_sig + gamma * (r2.sum() / (self.n_chains * n_obs) - self.s_sig)
+        s2 = self.s_sig
+        if anneal:
+            s2 = torch.maximum(s2, anneal * p.sigma[sname] ** 2)
+        return torch.sqrt(s2)
