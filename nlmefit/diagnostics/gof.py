@@ -1,8 +1,18 @@
-"""Goodness-of-fit panels (xpose style): DV vs PRED, DV vs IPRED, CWRES vs TIME, CWRES vs PRED.
+"""Goodness-of-fit panels (xpose style): DV vs PRED, DV vs IPRED, CWRES vs TIME, CWRES vs PRED; on request also
+|IWRES| vs IPRED and a normal QQ plot of CWRES.
 
 Each panel shows the records (open circles), a reference line (identity, or zero with ±2 bands) and a LOWESS
 smoother. Censored records (CENS ≠ 0) are drawn at their limit with a distinct marker in the DV panels and left
 out of every smoother and of the residual panels (their residuals are undefined).
+
+Panels (``plot_gof(fit, panels=[...])``; ``extended=True`` is the default four followed by the two extra ones):
+
+* ``"dv_pred"``, ``"dv_ipred"``: DV against PRED / IPRED with the identity line;
+* ``"res_idv"``, ``"res_pred"``: the residual (``residual=``, CWRES by default) against ``idv`` / PRED with 0 and ±2;
+* ``"absiwres_ipred"``: |IWRES| against IPRED with a LOWESS smoother and the reference E|N(0, 1)| = √(2/π) ≈ 0.80
+  (a smoother that rises or falls with IPRED points at a misspecified residual error model);
+* ``"res_qq"``: sample quantiles of the residual against N(0, 1) quantiles (plotting positions (k − ½)/n), with the
+  identity line (slope ≠ 1: residual variance misspecified; curvature: skewed or heavy-tailed residuals).
 """
 from __future__ import annotations
 
@@ -10,7 +20,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["plot_gof", "lowess", "log_axis", "STYLE"]
+__all__ = ["plot_gof", "lowess", "log_axis", "STYLE", "GOF_PANELS"]
+
+#: Panel names of :func:`plot_gof` (the first four are the default figure).
+GOF_PANELS = ("dv_pred", "dv_ipred", "res_idv", "res_pred", "absiwres_ipred", "res_qq")
+_DEFAULT_PANELS = GOF_PANELS[:4]
+_E_ABS_NORMAL = float(np.sqrt(2 / np.pi))  # E|Z| for Z ~ N(0, 1)
 
 #: Shared look of the diagnostic figures.
 STYLE = {
@@ -136,28 +151,78 @@ def _res_panel(ax, x, res, xlabel: str, ylabel: str) -> None:
     ax.set_ylabel(ylabel)
 
 
-def plot_gof(fit, ax: Sequence | np.ndarray | None = None, *, log: bool = False, residual: str = "CWRES",
-             idv: str = "TIME", title: str | None = None):
-    """The 2×2 goodness-of-fit figure of a fit: DV vs PRED, DV vs IPRED, ``residual`` vs ``idv`` and vs PRED.
+def _absres_panel(ax, ipred, iwres) -> None:
+    a = np.abs(iwres)
+    ok = np.isfinite(ipred) & np.isfinite(a)
+    ax.scatter(ipred[ok], a[ok], **STYLE["point"], zorder=2)
+    ax.axhline(_E_ABS_NORMAL, **STYLE["band"], zorder=1, label="E|N(0, 1)| ≈ 0.80")
+    _smooth(ax, ipred[ok], a[ok])
+    ax.set_ylim(0, max(3.0, 1.08 * a[ok].max()) if ok.any() else 3.0)
+    ax.legend(loc="upper right", fontsize=7, frameon=False)
+    ax.set_xlabel("Individual predictions (IPRED)")
+    ax.set_ylabel("|IWRES|")
 
-    ``ax``: four axes to draw on (any array shape, row-major), else a new figure. ``log``: log-log DV panels.
-    ``residual``: a residual column of ``fit.predictions`` (CWRES, WRES, IWRES, NPDE ...). Returns the Figure.
+
+def _qq_panel(ax, res, label: str) -> None:
+    # scipy is imported only when plotting a QQ panel
+    from scipy import stats
+
+    v = np.sort(res[np.isfinite(res)])
+    n = len(v)
+    theo = stats.norm.ppf((np.arange(1, n + 1) - 0.5) / n) if n else np.zeros(0)
+    ax.scatter(theo, v, **STYLE["point"], zorder=2)
+    m = max(3.0, 1.08 * float(np.abs(np.concatenate([v, theo])).max())) if n else 3.0
+    ax.plot([-m, m], [-m, m], **STYLE["reference"], zorder=3)
+    ax.set_xlim(-m, m)
+    ax.set_ylim(-m, m)
+    ax.set_aspect("equal", adjustable="box")
+    ax.set_xlabel("N(0, 1) quantiles")
+    ax.set_ylabel(f"{label} quantiles")
+    ax.set_title(f"QQ plot of {label} (n = {n})", fontsize=9)
+
+
+def plot_gof(fit, ax: Sequence | np.ndarray | None = None, *, log: bool = False, residual: str = "CWRES",
+             idv: str = "TIME", title: str | None = None, panels: Sequence[str] | None = None,
+             extended: bool = False):
+    """The goodness-of-fit figure of a fit: by default the 2×2 panels DV vs PRED, DV vs IPRED, ``residual`` vs
+    ``idv`` and vs PRED.
+
+    ``panels``: names from :data:`GOF_PANELS` in the order to draw (see the module docstring); ``extended=True``
+    (without ``panels``) adds |IWRES| vs IPRED and the QQ plot of ``residual`` (2×3). ``ax``: one axis per panel
+    (any array shape, row-major), else a new figure. ``log``: log-log DV panels. ``residual``: a residual column of
+    ``fit.predictions`` (CWRES, WRES, IWRES, NPDE ...). Returns the Figure.
     """
     # matplotlib is imported only when plotting
     import matplotlib.pyplot as plt
 
+    if panels is None:
+        panels = GOF_PANELS if extended else _DEFAULT_PANELS
+    elif isinstance(panels, str):
+        panels = [panels]
+    panels = list(panels)
+    bad = [p for p in panels if p not in GOF_PANELS]
+    if bad or not panels:
+        raise ValueError(f"panels: unknown panel(s) {bad}; choose from {list(GOF_PANELS)}")
     pr = fit.predictions
     if residual not in pr.columns:
         raise ValueError(f"residual {residual!r} is not a column of fit.predictions ({list(pr.columns)})")
     if idv not in pr.columns:
         raise ValueError(f"idv {idv!r} is not a column of fit.predictions ({list(pr.columns)})")
+    if "absiwres_ipred" in panels and "IWRES" not in pr.columns:
+        raise ValueError(f"panel 'absiwres_ipred' needs an IWRES column in fit.predictions ({list(pr.columns)})")
+    n_p = len(panels)
     if ax is None:
-        fig, axes = plt.subplots(2, 2, figsize=(8.0, 7.4))
+        ncol = 2 if n_p == 4 else min(3, n_p)
+        nrow = -(-n_p // ncol)
+        fig, axes = plt.subplots(nrow, ncol, figsize=(4.0 * ncol, 3.7 * nrow), squeeze=False)
         axes = axes.ravel()
+        for a in axes[n_p:]:
+            a.remove()
+        axes = axes[:n_p]
     else:
         axes = np.asarray(ax, dtype=object).ravel()
-        if len(axes) != 4:
-            raise ValueError(f"ax: expected 4 axes, got {len(axes)}")
+        if len(axes) != n_p:
+            raise ValueError(f"ax: expected {n_p} axes, got {len(axes)}")
         fig = axes[0].figure
     dv = pr["DV"].to_numpy(float)
     pred = pr["PRED"].to_numpy(float)
@@ -165,10 +230,19 @@ def plot_gof(fit, ax: Sequence | np.ndarray | None = None, *, log: bool = False,
     cens = pr["CENS"].to_numpy() if "CENS" in pr.columns else np.zeros(len(pr), int)
     unc = cens == 0
     res = np.where(unc, pr[residual].to_numpy(float), np.nan)
-    _dv_panel(axes[0], pred, dv, cens, "Population predictions (PRED)", log)
-    _dv_panel(axes[1], ipred, dv, cens, "Individual predictions (IPRED)", log)
-    _res_panel(axes[2], pr[idv].to_numpy(float), res, "Time" if idv == "TIME" else idv, residual)
-    _res_panel(axes[3], pred, res, "Population predictions (PRED)", residual)
+    for a, name in zip(axes, panels):
+        if name == "dv_pred":
+            _dv_panel(a, pred, dv, cens, "Population predictions (PRED)", log)
+        elif name == "dv_ipred":
+            _dv_panel(a, ipred, dv, cens, "Individual predictions (IPRED)", log)
+        elif name == "res_idv":
+            _res_panel(a, pr[idv].to_numpy(float), res, "Time" if idv == "TIME" else idv, residual)
+        elif name == "res_pred":
+            _res_panel(a, pred, res, "Population predictions (PRED)", residual)
+        elif name == "absiwres_ipred":
+            _absres_panel(a, ipred, np.where(unc, pr["IWRES"].to_numpy(float), np.nan))
+        else:  # "res_qq"
+            _qq_panel(a, res, residual)
     for a in axes:
         a.grid(True, color="0.92", lw=0.6, zorder=0)
         a.set_axisbelow(True)
