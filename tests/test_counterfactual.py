@@ -37,7 +37,9 @@ def test_steady_state_auc_over_tau_is_f_dose_over_cl(name, regimen, params):
     model = nlmefit.library.get(name, theta=theta, omega={"cl": 0.09, "v": 0.04})
     sim = nlmefit.simulate_regimens(None, regimen, model=model, population=200, steady_state=True, seed=2)
     dose = sim.regimens[0].dose_times()[-1, 1]
-    np.testing.assert_allclose(sim.exposures["AUC"], dose / sim.parameters["cl"], rtol=1e-6)
+    np.testing.assert_allclose(sim.exposures["AUCTAU"], dose / sim.parameters["cl"], rtol=1e-6)
+    tau = sim.regimens[0].last_interval()
+    np.testing.assert_allclose(sim.exposures["AUC24"], dose * 24 / tau / sim.parameters["cl"], rtol=1e-6)
     assert (sim.exposures["AUC_METHOD"] == "quadrature").all()
 
 

@@ -23,12 +23,15 @@ __all__ = ["template", "copies", "broadcasts", "slice_params", "concentrations"]
 
 
 def template(model: Model, records: pd.DataFrame, times: np.ndarray, cov_names, device) -> ModelData:
-    """ModelData of one subject: ``records`` (dose rows, ID 1) + observation rows at ``times``."""
+    """ModelData of one subject: ``records`` (dose rows, ID 1) + observation rows at ``times``, of the model's
+    endpoint (``DVID = model.dvid`` on every row when the model has one)."""
     obs = pd.DataFrame({"ID": 1, "TIME": times.astype(float), "AMT": 0.0, "EVID": 0, "MDV": 0, "DV": np.nan})
     if "CMT" in records:
         obs_cmt = 2 if model.structure.oral else 1
         obs["CMT"] = obs_cmt
     recs = pd.concat([records.assign(ID=1), obs], ignore_index=True, sort=False)
+    if getattr(model, "dvid", None) is not None:  # a model of one endpoint: the template observes that endpoint
+        recs["DVID"] = model.dvid
     for c in ("RATE", "II", "ADDL", "SS"):
         if c in recs:
             recs[c] = recs[c].fillna(0.0)
@@ -74,9 +77,12 @@ def slice_params(p: Params, sl: slice) -> Params:
 
 
 def concentrations(model, p, eta, cov_t, scale, recs, times: np.ndarray, trains, chunk: int,
-                   residual: bool = False, gen=None) -> np.ndarray:
+                   residual: bool = False, gen=None, allow_negative: bool = False) -> np.ndarray:
     """DV-scale predictions [S, T] at ``times`` (in the given order) for the S simulated subjects, in chunks;
-    by dose trains when ``trains`` is given, else through the model on a one-subject template."""
+    by dose trains when ``trains`` is given, else through the model on a one-subject template.
+
+    With ``residual`` a residual error is drawn for every value; draws below 0 (additive or proportional error)
+    are set to 0 (censored at 0, as an assay would report them) unless ``allow_negative``."""
     s = eta.shape[0]
     dev = eta.device
     cov_names = list(cov_t)
@@ -107,5 +113,8 @@ def concentrations(model, p, eta, cov_t, scale, recs, times: np.ndarray, trains,
                 var = model.error.variance(f, pc.sigma).expand_as(f)
             if residual:
                 f = f + torch.sqrt(var) * torch.randn(f.shape, generator=gen, dtype=f.dtype, device=f.device)
-            out[sl] = model.error.untransform(f).cpu().numpy()
+            f = model.error.untransform(f)
+            if residual and not allow_negative:
+                f = f.clamp_min(0.0)
+            out[sl] = f.cpu().numpy()
     return out

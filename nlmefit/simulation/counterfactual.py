@@ -4,7 +4,13 @@ that were never given?
     sim = nlmefit.simulate_regimens(fit, ["1000 mg loading then 500 mg q12h x14, infusion 1h", "500 mg q8h x21"],
                                     population=1000, seed=1)            # virtual subjects, η ~ N(0, Ω)
     sim = nlmefit.simulate_regimens(fit, "500 mg q12h x14", subjects="observed", n_draws=200)  # η ~ p(η | y_i)
-    sim.quantiles(); sim.exposures; sim.pta("auc", 400, mic=1.0); sim.plot_profiles()
+    sim.quantiles(); sim.exposures; sim.pta("AUC24", 400, mic=1.0); sim.plot_profiles()
+
+**Exposure windows** (:mod:`nlmefit.simulation.exposure`): ``AUC24`` is the AUC over the last 24 h of dosing (per
+24 h; the same daily dose gives the same AUC24 at steady state whatever the interval), ``AUCTAU`` and the other
+metrics are over ``interval`` (the last dosing interval τ by default); the tables name both windows.
+
+**Models of one endpoint** (``Model(..., dvid=...)``): the regimen's template subject observes that endpoint.
 
 **Population** (``population=N``): η ~ N(0, Ω); covariates resampled with replacement from the fitted subjects
 (``covariates="observed"``, default) or taken from a table (one row per virtual subject); with
@@ -39,7 +45,7 @@ from nlmefit.models.structure import ClosedForm
 from nlmefit.pk.trains import DoseTrain
 from nlmefit.posteriors.rng import seeded
 from nlmefit.simulation.concentrations import broadcasts, copies, template
-from nlmefit.simulation.exposure import exposure_table, pta
+from nlmefit.simulation.exposure import auc24_window, exposure_table, pta, window_label
 from nlmefit.simulation.plots import plot_exposure_distributions, plot_profile_bands
 from nlmefit.simulation.population import SimulatedPopulation
 from nlmefit.simulation.regimen import Regimen
@@ -72,7 +78,9 @@ class RegimenSimulation:
     exposures: pd.DataFrame  # one row per regimen × simulated subject
     mode: str  # "population" or "observed"
     residual: bool
-    interval: list[tuple[float, float]]  # per regimen, the exposure interval
+    interval: list[tuple[float, float]]  # per regimen, the exposure interval (AUCTAU, CMAX, ... ; column WINDOW)
+    auc24_window: list[tuple[float, float, float]] | None = None  # per regimen (t0, t1, span h) of AUC24
+    allow_negative: bool = False  # residual draws below 0 kept (True) or set to 0 (False)
 
     def profile_frame(self, max_subjects: int | None = None) -> pd.DataFrame:
         """Tidy profiles: REGIMEN, ID, DRAW, TIME, CONC (first ``max_subjects`` simulated subjects)."""
@@ -98,23 +106,30 @@ class RegimenSimulation:
         return pd.concat(out, ignore_index=True)
 
     def summary(self, probs: Sequence[float] = (0.05, 0.5, 0.95)) -> pd.DataFrame:
-        """Quantiles of every exposure metric per regimen."""
-        metrics = [c for c in self.exposures.columns if c not in ("REGIMEN", "ID", "DRAW", "AUC_METHOD")]
+        """Quantiles of every exposure metric per regimen (windows: ``window_labels()``)."""
+        metrics = [c for c in self.exposures.select_dtypes("number").columns if c not in ("ID", "DRAW")]
         g = self.exposures.groupby("REGIMEN", sort=False)[metrics]
         out = g.quantile(list(probs)).unstack()
         out.columns = [f"{m}_q{100 * p:g}" for m, p in out.columns]
         return out.reindex(self.labels)
 
+    def window_labels(self) -> pd.DataFrame:
+        """Per regimen: the AUC24 window and the exposure interval (of AUCTAU, CMAX, CTROUGH, ...), as text."""
+        a24 = self.auc24_window or [(max(0.0, b - 24.0), b, 24.0) for _, b in self.interval]
+        return pd.DataFrame({"REGIMEN": self.labels, "AUC24_WINDOW": [window_label(*w) for w in a24],
+                             "WINDOW": [window_label(*w) for w in self.interval]})
+
     def pta(self, metric: str, threshold: float | None = None, *, mic: float | Sequence[float] | None = None,
             window: tuple[float, float] | None = None) -> pd.DataFrame:
-        """Probability of target attainment per regimen (see :func:`nlmefit.simulation.exposure.pta`)."""
+        """Probability of target attainment per regimen (see :func:`nlmefit.simulation.exposure.pta`); ``"AUC"``
+        means ``"AUC24"``, ``"AUCTAU"`` is per dosing interval; the WINDOW column says over which times."""
         return pta(self.exposures, metric, threshold, mic=mic, window=window, order=self.labels)
 
     def plot_profiles(self, probs=(0.05, 0.5, 0.95), ax=None, log_y: bool = False):
         """Concentration quantile bands per regimen (see :func:`nlmefit.simulation.plots.plot_profile_bands`)."""
         return plot_profile_bands(self, probs=probs, ax=ax, log_y=log_y)
 
-    def plot_exposures(self, metric: str = "AUC", ax=None):
+    def plot_exposures(self, metric: str = "AUC24", ax=None):
         """Box plots of one exposure metric per regimen (see :mod:`nlmefit.simulation.plots`)."""
         return plot_exposure_distributions(self, metric=metric, ax=ax)
 
@@ -208,7 +223,8 @@ def _modes_of(fit, data_obs: ModelData) -> torch.Tensor | None:
 def simulate_regimens(fit, regimens, *, population: int | None = None, subjects=None, n_draws: int = 1,
                       times: Sequence[float] | None = None, n_times: int = 200,
                       covariates: pd.DataFrame | str | None = "observed", uncertainty: bool = False,
-                      posterior: str = "laplace", residual: bool = False, steady_state: bool = False,
+                      posterior: str = "laplace", residual: bool = False, allow_negative: bool = False,
+                      steady_state: bool = False,
                       interval: str | tuple[float, float] = "last", threshold: float | None = None, fu: float = 1.0,
                       auc: str = "quadrature", weight_col: str = "WT", iv_cmt: int | None = None,
                       seed: int | None = 0, chunk: int = 10000, model: Model | None = None, params=None,
@@ -217,10 +233,13 @@ def simulate_regimens(fit, regimens, *, population: int | None = None, subjects=
     (``subjects="observed"`` or a list of IDs) subjects of ``fit`` (a FitResult; or pass ``fit=None, model=,
     params=`` for a model without a fit, population mode only).
 
-    Exposures are computed over ``interval`` (``"last"`` dosing interval, ``"all"``, or ``(t0, t1)``); with
-    ``steady_state=True`` the maintenance phase starts at steady state (NONMEM SS=1). ``threshold`` adds time
-    above it (and %fT>threshold, with free fraction ``fu``); ``auc="quadrature"`` integrates exactly between
-    dose events (Gauss–Legendre), ``"trapezoid"`` uses the time grid. Residual error is off unless ``residual``.
+    Exposures (residual-free) are computed over ``interval`` (``"last"`` dosing interval, ``"all"``, or
+    ``(t0, t1)``), except ``AUC24``: the AUC over the last 24 h of dosing (per 24 h, see
+    :func:`nlmefit.simulation.exposure.auc24_window`); with ``steady_state=True`` the maintenance phase starts at
+    steady state (NONMEM SS=1). ``threshold`` adds time above it (and %fT>threshold, with free fraction ``fu``);
+    ``auc="quadrature"`` integrates exactly between dose events (Gauss–Legendre), ``"trapezoid"`` uses the time
+    grid. Residual error is off unless ``residual``; residual draws below 0 are then set to 0 (censored at 0)
+    unless ``allow_negative``.
     ``fast``: sum regular bolus/oral dose trains in closed form (:mod:`nlmefit.pk.trains`) when the model is a
     linear closed form; ``False`` forces the general dose-by-dose path (same numbers to ~1e−12).
     """
@@ -240,20 +259,22 @@ def simulate_regimens(fit, regimens, *, population: int | None = None, subjects=
     cov_t, cov_frame = _covariate_tensors(who.cov, cov_names, dev)
     # one template per regimen, S copies, batched predictions in chunks
     grid = _time_grid(regs, times, n_times, interval)
-    profiles, exposures, intervals = [], [], []
+    profiles, exposures, intervals, windows24 = [], [], [], []
     for reg, lab in zip(regs, labels):  # a handful of regimens: not a hot loop
         recs = _records(reg, model, steady_state, iv_cmt, weight_col)
         window = _interval(reg, interval, float(grid[-1]))
+        w24 = auc24_window(reg)
         pop = SimulatedPopulation(model, who.p, who.eta, cov_t, template(model, recs, grid, cov_names, dev), recs,
                                   _dose_scale(reg, cov_frame, weight_col, dev),
                                   _trains(reg, model, steady_state, iv_cmt) if fast else None)
-        profiles.append(pop.concentrations(grid, chunk, residual, gen))
-        ex = exposure_table(pop, window, threshold=threshold, fu=fu, auc=auc, chunk=chunk)
+        profiles.append(pop.concentrations(grid, chunk, residual, gen, allow_negative))
+        ex = exposure_table(pop, window, auc24=w24, threshold=threshold, fu=fu, auc=auc, chunk=chunk)
         exposures.append(_label_rows(ex, lab, who))
         intervals.append(window)
+        windows24.append(w24)
     return RegimenSimulation(regs, labels, grid, np.stack(profiles), who.ids, who.draw, cov_frame,
                              _parameters_frame(pop), pd.concat(exposures, ignore_index=True), who.mode, residual,
-                             intervals)
+                             intervals, windows24, allow_negative)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Figures for regimen simulations: concentration quantile bands per regimen, exposure distributions, PTA curves.
+"""Figures for regimen simulations: concentration quantile bands per regimen, exposure distributions, PTA (lines
+against MIC, bars per regimen); exposure and PTA figures name the time window of their metric.
 
 Each returns a matplotlib Figure (drawing on ``ax=`` when given) and never calls ``plt.show()``.
 """
@@ -34,49 +35,79 @@ def plot_profile_bands(sim, probs: Sequence[float] = (0.05, 0.5, 0.95), ax=None,
     if log_y:
         ax.set_yscale("log")
     who = "virtual subjects" if sim.mode == "population" else "posterior draws"
-    ax.set_title(f"median and {100 * probs[lo]:g}–{100 * probs[hi]:g}% of {sim.profiles.shape[1]} {who}",
+    res = ""
+    if getattr(sim, "residual", False):
+        res = ", with residual error" + ("" if getattr(sim, "allow_negative", False) else " (draws < 0 set to 0)")
+    ax.set_title(f"median and {100 * probs[lo]:g}–{100 * probs[hi]:g}% of {sim.profiles.shape[1]} {who}{res}",
                  fontsize=9)
     ax.legend(fontsize=8, frameon=False)
     return fig
 
 
-def plot_exposure_distributions(sim, metric: str = "AUC", ax=None):
-    """Box plots of one exposure metric per regimen."""
+def _windows_text(windows: Sequence[str]) -> str | None:
+    """One window (all regimens share it) or None (they differ; shown per regimen)."""
+    uniq = list(dict.fromkeys(str(w) for w in windows))
+    return uniq[0] if len(uniq) == 1 else None
+
+
+def plot_exposure_distributions(sim, metric: str = "AUC24", ax=None):
+    """Box plots of one exposure metric per regimen; the title (or each label) names the window it is over."""
     fig, ax = _ax(ax)
     m = metric.upper()
+    if m == "AUC" and "AUC24" in sim.exposures:
+        m = "AUC24"  # the bare name is AUC24
     if m not in sim.exposures:
         raise ValueError(f"no exposure metric {metric!r}; have {list(sim.exposures.columns)}")
     vals = [sim.exposures.loc[sim.exposures["REGIMEN"] == lab, m].to_numpy(float) for lab in sim.labels]
     ax.boxplot(vals, showfliers=False)
+    col = "AUC24_WINDOW" if m == "AUC24" else "WINDOW"
+    if m == "AUC_INF":
+        wins = ["[first dose, inf) h"] * len(sim.labels)
+    elif col in sim.exposures:
+        wins = [str(sim.exposures.loc[sim.exposures["REGIMEN"] == lab, col].iloc[0]) for lab in sim.labels]
+    else:
+        wins = [f"[{a:g}, {b:g}] h" for a, b in sim.interval]
+    one = _windows_text(wins)
     ax.set_xticks(range(1, len(sim.labels) + 1))
-    ax.set_xticklabels(sim.labels, rotation=20, ha="right", fontsize=7)
+    ax.set_xticklabels(sim.labels if one else [f"{lab}\n{w}" for lab, w in zip(sim.labels, wins)], rotation=20,
+                       ha="right", fontsize=7)
     ax.set_ylabel(m)
-    ax.set_title(f"{m} over [{sim.interval[0][0]:g}, {sim.interval[0][1]:g}] per regimen", fontsize=9)
+    ax.set_title(f"{m} over {one} per regimen" if one else f"{m} per regimen (window under each regimen)",
+                 fontsize=9)
     fig.tight_layout()
     return fig
 
 
 def plot_pta(table: pd.DataFrame, ax=None, x: str | None = None, target: float | None = 0.9):
-    """PTA per regimen against MIC (when the table has one) or against the regimens; ``target`` draws a line."""
+    """PTA per regimen: lines against MIC (when the table has one) or against a numeric column ``x``; bars for
+    the regimens themselves (categories). ``target`` draws a line; the title names the metric's window."""
     fig, ax = _ax(ax)
+    wins = list(table["WINDOW"]) if "WINDOW" in table else []
+    one = _windows_text(wins) if wins else None
     if "MIC" in table and x is None:
         for lab, g in table.groupby("REGIMEN", sort=False):
             ax.plot(g["MIC"], g["PTA"], marker="o", ms=3, label=lab)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("MIC")
         ax.legend(fontsize=8, frameon=False)
-    else:
-        xs = table[x].to_numpy() if x is not None else np.arange(len(table))
-        ax.plot(xs, table["PTA"], marker="o")
-        if x is None:
-            ax.set_xticks(xs)
-            ax.set_xticklabels(table["REGIMEN"], rotation=20, ha="right", fontsize=7)
-        else:
-            ax.set_xlabel(x)
+    elif x is not None:
+        ax.plot(table[x].to_numpy(), table["PTA"], marker="o")
+        ax.set_xlabel(x)
+    else:  # regimens are categories: one bar each, nothing joins them
+        xs = np.arange(len(table))
+        ax.bar(xs, table["PTA"].to_numpy(float), width=0.6, color="C0", alpha=0.8)
+        labels = table["REGIMEN"].astype(str).tolist()
+        if wins and one is None:
+            labels = [f"{lab}\n{w}" for lab, w in zip(labels, wins)]
+        ax.set_xticks(xs)
+        ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=7)
     if target is not None:
         ax.axhline(target, color="grey", ls=":", lw=1)
     ax.set_ylim(-0.02, 1.02)
     ax.set_ylabel("probability of target attainment")
-    ax.set_title(str(table["TARGET"].iloc[0]), fontsize=9)
+    title = str(table["TARGET"].iloc[0])
+    if wins:
+        title += f", over {one}" if one else ", window per regimen"
+    ax.set_title(title, fontsize=9)
     fig.tight_layout()
     return fig

@@ -45,7 +45,8 @@ class SimulatedPopulation:
                        cov_t={k: v[sl] for k, v in self.cov_t.items()},
                        scale=None if self.scale is None else self.scale[sl])
 
-    def concentrations(self, times: np.ndarray, chunk: int, residual: bool = False, gen=None) -> np.ndarray:
+    def concentrations(self, times: np.ndarray, chunk: int, residual: bool = False, gen=None,
+                       allow_negative: bool = False) -> np.ndarray:
         """DV-scale predictions [S, T] at ``times`` (see :func:`nlmefit.simulation.concentrations.concentrations`)."""
         return concentrations(self.model, self.p, self.eta, self.cov_t, self.scale, self.recs, times, self.trains,
-                              chunk, residual, gen)
+                              chunk, residual, gen, allow_negative)

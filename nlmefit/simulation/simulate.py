@@ -2,8 +2,11 @@
 
 Given a DataFrame (NONMEM event records; DV may be missing), the result is that frame repeated ``n`` times
 (column ``REP``, 1-based) with DV replaced by simulated values on observation records and everything else —
-row order included — untouched. Given a design (``times`` + ``doses`` + ``n_subjects``), the records are built
-first (:func:`design_frame`). All replicates and subjects are drawn in one batched tensor program.
+row order included — untouched. A model of one endpoint (``Model(..., dvid=...)``) simulates only that endpoint's
+observation rows: other endpoints' rows keep their observed DV (``other_endpoints="keep"``, default) or are
+dropped (``"drop"``); they never receive this model's values. Given a design (``times`` + ``doses`` +
+``n_subjects``), the records are built first (:func:`design_frame`). All replicates and subjects are drawn in one
+batched tensor program.
 """
 from __future__ import annotations
 
@@ -98,13 +101,18 @@ def simulate(
     n_subjects: int = 1,
     covariates=None,
     device=None,
+    other_endpoints: str = "keep",
     **column_map,
 ) -> pd.DataFrame:
     """Simulate ``n`` replicates of ``data`` (or of a design) from ``model`` at ``params``.
 
-    Returns the records with a ``REP`` column and simulated ``DV`` on observation rows (natural scale).
-    Reproducible: the same ``seed`` gives the same draws.
+    Returns the records with a ``REP`` column and simulated ``DV`` on the observation rows of the model's endpoint
+    (natural scale). Observation rows of other endpoints (another DVID than ``model.dvid``) keep their DV
+    (``other_endpoints="keep"``) or are left out (``"drop"``). Reproducible: the same ``seed`` gives the same draws.
     """
+    if other_endpoints not in ("keep", "drop"):
+        raise ModelSpecError(f"other_endpoints must be 'keep' (their rows keep the observed DV) or 'drop', "
+                             f"got {other_endpoints!r}")
     if data is None:
         if times is None or doses is None:
             raise ModelSpecError("give either data (a DataFrame of records) or a design: times= and doses=")
@@ -123,17 +131,20 @@ def simulate(
     with torch.no_grad():
         eta = model.sample_eta(p, mdata.n_subjects, mdata.n_occ, generator=gen, size=(n,))
         y = model.sample_y(p, eta, mdata, generator=gen, residual=residual).cpu().numpy()  # [n, N, J]
-    mk = panel.obs_mask
+    mk = mdata.mask.cpu().numpy()  # this model's endpoint only (Model.prepare applies dvid)
     rows = panel.obs_row[mk]
     dv_col = panel.columns.get("DV", "DV") if hasattr(panel, "columns") else "DV"
     out = []
     base = frame.reset_index(drop=True)
+    other = panel.obs_row[panel.obs_mask & ~mk]  # observation rows of other endpoints
     for r in range(n):  # replicates only: assembling output frames, not a hot path
         f = base.copy()
         if dv_col not in f:
             f[dv_col] = np.nan
         f[dv_col] = f[dv_col].astype(float)
         f.loc[rows, dv_col] = y[r][mk]
+        if other_endpoints == "drop" and len(other):
+            f = f.drop(index=other)
         f.insert(0, "REP", r + 1)
         out.append(f)
     return pd.concat(out, ignore_index=True)
