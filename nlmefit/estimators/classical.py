@@ -24,6 +24,7 @@ from nlmefit.models.data import ObservationData
 from nlmefit.models.parameters import Params
 from nlmefit.models.protocol import LatentModel
 from nlmefit.results.build import build_result
+from nlmefit.threads import check_threads, limit_threads, resolve_threads
 
 __all__ = ["ClassicalEstimator"]
 
@@ -42,6 +43,7 @@ class ClassicalEstimator(Estimator):
         shard_size: int | None = None,
         device: str | torch.device | None = None,
         progress: Callable[[int, float], None] | None = None,
+        threads: int | str | None = None,
     ) -> None:
         self.maxiter = maxiter
         self.gtol = gtol
@@ -49,6 +51,7 @@ class ClassicalEstimator(Estimator):
         self.covariance = check_covariance(covariance)
         self.shard_size = shard_size
         self.device = device
+        self.threads = check_threads(threads)
         self._progress = progress
 
     # ------------------------------------------------------------------ objective
@@ -90,6 +93,31 @@ class ClassicalEstimator(Estimator):
         model, mdata = self.bind(model, data, init)
         lin = self.linearisation
         lin.check(model)
+        with limit_threads(resolve_threads(self.threads, mdata.n_subjects, mdata.n_obs)):
+            return self._fit(model, mdata, lin, seed, t0)
+
+    def _interaction_note(self, model: LatentModel, mdata: ObservationData) -> str | None:
+        """FOCE (no interaction) freezes the residual variance at η = 0: say so when it depends on η."""
+        if self.method_key != "foce" or not mdata.q:
+            return None
+        with torch.no_grad():
+            p0 = model.parameters.initial(torch.float64, mdata.y.device)
+            sd = torch.sqrt(torch.diagonal(model.prior_covariance(p0, mdata.n_occ)).clamp_min(1e-12))
+            zero = torch.zeros(mdata.n_subjects, mdata.q, dtype=torch.float64, device=mdata.y.device)
+            v0 = model.predict(p0, zero, mdata)[1]
+            v1 = model.predict(p0, zero + 0.5 * sd, mdata)[1]
+        m = mdata.mask
+        if not bool(m.any()):
+            return None
+        rel = ((v1 - v0).abs() / v0.abs().clamp_min(1e-300))[m]
+        if not bool((rel > 1e-8).any()):
+            return None
+        err = getattr(getattr(model, "error", None), "name", "this")
+        return (f"foce: the residual variance of the {err} error model depends on eta, and FOCE without "
+                f"interaction evaluates it at eta = 0 (NONMEM METHOD=1): the OFV and estimates can be far from "
+                f"the exact likelihood's (see docs/estimation.md); use method='focei'")
+
+    def _fit(self, model: LatentModel, mdata: ObservationData, lin: Linearisation, seed: int | None, t0: float):
         pset = model.parameters
         dev = mdata.y.device
         p0 = pset.initial(torch.float64, dev)
@@ -97,6 +125,10 @@ class ClassicalEstimator(Estimator):
         eta = torch.zeros(mdata.n_subjects, mdata.q, dtype=torch.float64, device=dev)
         state = {"eta": eta, "n_eval": 0, "best": math.inf}
         messages: list[str] = []
+        note = self._interaction_note(model, mdata)
+        if note:
+            warnings.warn(note, stacklevel=3)
+            messages.append(note)
 
         def fun(u: np.ndarray):
             ut = torch.tensor(u, dtype=torch.float64, device=dev, requires_grad=True)
@@ -131,11 +163,12 @@ class ClassicalEstimator(Estimator):
             u_hat, n_iter, converged = res.x, int(res.nit), bool(res.success)
             messages.append(str(res.message))
             if not converged:
-                warnings.warn(f"{self.name}: minimisation did not report success: {res.message}", stacklevel=2)
+                warnings.warn(f"{self.name}: minimisation did not report success: {res.message}", stacklevel=3)
         else:
             u_hat = u0
         with torch.no_grad():
             p_hat = pset.from_unconstrained(torch.tensor(u_hat, dtype=torch.float64, device=dev))
         eta_hat = lin.modes(model, p_hat, mdata, state["eta"])
         return build_result(self, model, mdata, p_hat, eta_hat, linearisation=lin, n_iter=n_iter,
-                            converged=converged, messages=messages, elapsed=time.perf_counter() - t0, seed=seed)
+                            converged=converged, messages=messages, elapsed=time.perf_counter() - t0, seed=seed,
+                            check_moved=self.maxiter > 0)

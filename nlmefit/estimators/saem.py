@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from nlmefit.errors import ModelSpecError
+from nlmefit.errors import EstimationError, ModelSpecError
 from nlmefit.estimators.base import Estimator, check_covariance, register
 from nlmefit.estimators.mcmc import KERNELS, init_chains, mcmc_sweep
 from nlmefit.marginal.evaluate import marginal_loglik
@@ -49,6 +49,8 @@ from nlmefit.models.parameters import Omega, Params
 from nlmefit.models.protocol import LatentModel, Linearisable, MuReferenced
 from nlmefit.posteriors import EmpiricalPosterior
 from nlmefit.results.build import build_result
+from nlmefit.results.summary import lognormal_components
+from nlmefit.threads import check_threads, limit_threads, resolve_threads
 
 __all__ = ["SAEM"]
 
@@ -63,11 +65,51 @@ def _project_omega(spec: Omega, stat: torch.Tensor, current: torch.Tensor) -> to
 
 
 def _anneal(new: torch.Tensor, old: torch.Tensor, factor: float) -> torch.Tensor:
-    """Let each variance shrink by at most ``factor``; correlations are kept."""
-    d_new = torch.diagonal(new).clamp_min(1e-300)
+    """Let each variance shrink by at most ``factor``; correlations are kept. A variance whose statistic is not
+    positive (all chains of every subject stuck, round-off) is set to ``factor`` times the old one, with its
+    correlations dropped — rescaling a non-positive variance would flip its sign."""
+    d_new = torch.diagonal(new)
     d_ok = torch.maximum(d_new, factor * torch.diagonal(old))
-    r = torch.sqrt(d_ok / d_new)
-    return new * r.unsqueeze(-1) * r.unsqueeze(-2)
+    pos = d_new > 0
+    r = torch.where(pos, torch.sqrt(d_ok / torch.where(pos, d_new, torch.ones_like(d_new))), torch.zeros_like(d_new))
+    out = new * r.unsqueeze(-1) * r.unsqueeze(-2)
+    return out + torch.diag(d_ok - torch.diagonal(out))
+
+
+def _positive_definite(spec: Omega, new: torch.Tensor, previous: torch.Tensor, prefix: str = "omega"
+                       ) -> tuple[torch.Tensor, list[str]]:
+    """(Ω with every free block positive definite, what was repaired). A block with a non-finite entry keeps
+    its previous value; a block that is not positive definite is projected to the nearest positive-definite
+    matrix (eigenvalues raised to 1e-8 of the largest, at least 1e-10). FIX blocks are left as they are."""
+    out = new.clone()
+    notes = []
+    for b, blk in enumerate(spec.block_list):
+        if spec.fixed_blocks[b]:
+            continue
+        idx = torch.tensor([spec.names.index(n) for n in blk], device=new.device)
+        sub = new[idx.unsqueeze(-1), idx]
+        label = f"{prefix}_{blk[0]}" if len(blk) == 1 else f"{prefix} block ({', '.join(blk)})"
+        if not bool(torch.isfinite(sub).all()):
+            out[idx.unsqueeze(-1), idx] = previous[idx.unsqueeze(-1), idx]
+            notes.append(f"{label} was not finite: kept the previous value")
+            continue
+        _, info = torch.linalg.cholesky_ex(sub)
+        if int(info) == 0:
+            continue
+        w, V = torch.linalg.eigh(0.5 * (sub + sub.T))
+        floor = max(1e-10, 1e-8 * float(w.abs().max()))
+        out[idx.unsqueeze(-1), idx] = (V * w.clamp_min(floor)) @ V.T
+        notes.append(f"{label} was not positive definite (smallest eigenvalue {float(w.min()):.3g}): projected "
+                     f"to the nearest positive-definite matrix")
+    return 0.5 * (out + out.T), notes
+
+
+#: a run is reported as failed when a scale-free variance (Ω, IOV, proportional or log-scale σ²) exceeds this …
+MAX_VARIANCE = 10.0
+#: … when a positive typical value (θ) moved by more than this factor from its start …
+MAX_FOLD_CHANGE = 100.0
+#: … or when its final −2LL is worse than at the start by more than this (plus 4 Monte-Carlo SEs)
+MAX_M2LL_INCREASE = 10.0
 
 
 @register("saem")
@@ -79,7 +121,9 @@ class SAEM(Estimator):
     the 59 subjects of pheno); ``kernels`` transitions per
     iteration by kind; ``anneal`` (factor ≤ 1, 1 disables); ``keep_draws`` posterior draws per chain from the
     smoothing phase; ``ofv_method`` ``"is"`` or ``"agq"`` for the reported OFV with ``n_samples`` /
-    ``proposal`` / ``n_nodes``; ``covariance`` as for FOCE-I (linearisation at the SAEM estimates) or None.
+    ``proposal`` / ``n_nodes``; ``covariance`` as for FOCE-I (linearisation at the SAEM estimates) or None;
+    ``threads`` (None: :func:`nlmefit.threads.thread_policy`); ``check_start`` also evaluates the −2LL at the
+    initial values, so that a run that ends far worse than it started is reported as failed.
     """
 
     def __init__(
@@ -100,6 +144,8 @@ class SAEM(Estimator):
         covariance: str | None = "sandwich",
         device: str | torch.device | None = None,
         progress: Callable[[int, float], None] | None = None,
+        threads: int | str | None = None,
+        check_start: bool = True,
     ) -> None:
         kernels = dict({"prior": 2, "block": 2, "component": 2, "mala": 0} if kernels is None else kernels)
         unknown = set(kernels) - set(KERNELS)
@@ -130,6 +176,8 @@ class SAEM(Estimator):
         self.n_nodes = int(n_nodes)
         self.covariance = check_covariance(covariance)
         self.device = device
+        self.threads = check_threads(threads)
+        self.check_start = bool(check_start)
         self._progress = progress
 
     requires = (Linearisable,)
@@ -152,20 +200,32 @@ class SAEM(Estimator):
         if seed is None:
             seed = int(np.random.SeedSequence().entropy % (2 ** 31))
         model, mdata = self.bind(model, data, init)
+        with limit_threads(resolve_threads(self.threads, mdata.n_subjects, mdata.n_obs)):
+            return self._fit(model, mdata, seed, t0)
+
+    def _fit(self, model: LatentModel, mdata, seed: int, t0: float):
         run = _Run(self, model, mdata, seed)
         p = run.pset.initial(torch.float64, mdata.y.device)
+        self._check_initial(model, p, mdata)
+        start = self._start_loglik(model, p, mdata, seed)
         state = init_chains(run.n_chains, torch.zeros(mdata.n_subjects, mdata.q, dtype=torch.float64,
                                                       device=mdata.y.device))
         names = list(run.pset.natural_dict(p))
+        free = set(run.pset.natural_names)
         draws: list[torch.Tensor] = []
         trace_rows: list[list[float]] = []
         keep_every = max(1, self.n_smooth // max(1, self.keep_draws))
         n_iter = self.n_explore + self.n_smooth
         for k in range(1, n_iter + 1):
+            run.k = k
             explore = k <= self.n_explore
             gamma = 1.0 if explore else (k - self.n_explore) ** (-self.step_exponent)
-            state = mcmc_sweep(model, p, mdata, state, self.kernels, run.gen, adapt=explore,
-                               target=self.target_accept)  # E-step
+            try:
+                state = mcmc_sweep(model, p, mdata, state, self.kernels, run.gen, adapt=explore,
+                                   target=self.target_accept)  # E-step
+            except torch.linalg.LinAlgError as err:  # Ω is kept positive definite: this is a model problem
+                raise EstimationError(f"saem: iteration {k}: the E-step failed ({err}) at "
+                                      f"{_fmt(run.pset.natural_dict(p))}") from None
             with torch.no_grad():
                 psi = state.eta + self._mu(model, p, mdata)  # [C, N, q]
             p = run.theta_step(p, psi, gamma, explore)
@@ -176,27 +236,77 @@ class SAEM(Estimator):
                 if not explore and (k - self.n_explore) % keep_every == 0:
                     draws.append(state.eta.clone())
                 nat = run.pset.natural_dict(p)
+                bad = [nm for nm in names if nm in free and not math.isfinite(nat[nm])]
+                if bad:
+                    raise EstimationError(f"saem: iteration {k}: {', '.join(bad)} became non-finite "
+                                          f"({_fmt(nat)}); the model cannot be fitted from these initial "
+                                          f"values — try better initial estimates or method='focei'")
                 trace_rows.append([k] + [nat[c] for c in names])
             if self._progress is not None:
                 self._progress(k, float("nan"))
         post = EmpiricalPosterior(torch.cat(draws[-self.keep_draws:], 0) if draws else state.eta.clone(), "saem")
         traces = pd.DataFrame(trace_rows, columns=["iteration"] + names).set_index("iteration")
-        res = self._result(model, mdata, p, post, traces, state.acceptance(), seed, t0)
+        res = self._result(model, mdata, p, post, traces, state.acceptance(), seed, t0, run, start)
         return res.replace(elapsed_s=time.perf_counter() - t0)
 
+    @staticmethod
+    def _check_initial(model: LatentModel, p: Params, mdata) -> None:
+        """The MCMC target must be finite at the initial values (η = 0) for every subject: a chain whose every
+        state has likelihood 0 never moves, and the statistics built on it are meaningless."""
+        with torch.no_grad():
+            ll = model.log_lik(p, torch.zeros(mdata.n_subjects, mdata.q, dtype=torch.float64,
+                                              device=mdata.y.device), mdata)
+        bad = ~torch.isfinite(ll)
+        if bool(bad.any()):
+            ids = [mdata.ids[i] for i in torch.nonzero(bad)[:, 0].tolist()]
+            shown = ", ".join(map(str, ids[:10])) + (f" … ({len(ids)} in all)" if len(ids) > 10 else "")
+            raise EstimationError(f"saem: the log-likelihood is not finite at the initial values (eta = 0) for "
+                                  f"ID {shown}; check the initial estimates and the data (an observation where "
+                                  f"the prediction is 0 with a proportional error, e.g. a TIME 0 sample after "
+                                  f"an oral dose?)")
+
+    def _start_loglik(self, model: LatentModel, p: Params, mdata, seed: int):
+        """The −2LL at the initial values by the OFV method (None when not requested or not computable)."""
+        if not self.check_start:
+            return None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return marginal_loglik(model, p, mdata, method=self.ofv_method, n_samples=min(self.n_samples, 1000),
+                                       proposal="t" if self.proposal == "posterior" else self.proposal,
+                                       n_nodes=self.n_nodes, seed=seed)
+        except (EstimationError, ValueError, RuntimeError):  # LinAlgError is a RuntimeError
+            return None
+
     def _result(self, model, mdata, p_hat: Params, post: EmpiricalPosterior, traces: pd.DataFrame,
-                acceptance: dict, seed: int, t0: float):
-        """Modes, stability verdict, the OFV by IS/AGQ and the FitResult at the final estimates."""
+                acceptance: dict, seed: int, t0: float, run: _Run | None = None, start=None):
+        """Modes, stability and failure verdicts, the OFV by IS/AGQ and the FitResult at the final estimates."""
         lin = self.linearisation
         eta_hat = lin.modes(model, p_hat, mdata, post.mean)
         converged, conv_msg = self._stability(traces.to_numpy(), list(traces.columns), model.parameters)
-        if not converged:
-            warnings.warn(f"saem: {conv_msg}", stacklevel=3)
         lik = marginal_loglik(model, p_hat, mdata, method=self.ofv_method, n_samples=self.n_samples,
                               proposal=self.proposal, posterior=post, n_nodes=self.n_nodes, seed=seed,
                               eta0=eta_hat)
+        messages = []
+        repairs = [] if run is None else run.repairs
+        if repairs:
+            first_k, first = repairs[0]
+            messages.append(f"saem: Omega was repaired in {len(repairs)} iteration(s), first at iteration "
+                            f"{first_k}: {first}")
+        failures = self._failures(model, p_hat, start, lik, repairs, self.n_explore + self.n_smooth, mdata)
+        if failures:
+            converged = False
+            msg = ("saem: estimation FAILED — " + "; ".join(failures)
+                   + ". The estimates are not a maximum of the likelihood: try better initial estimates (e.g. "
+                     "from method='focei'), more n_explore iterations, or another error model")
+            warnings.warn(msg, stacklevel=4)
+            messages.insert(0, msg)
+        else:
+            if not converged:
+                warnings.warn(conv_msg, stacklevel=4)
+            messages.insert(0, conv_msg)
         return build_result(self, model, mdata, p_hat, eta_hat, linearisation=lin,
-                            n_iter=self.n_explore + self.n_smooth, converged=converged, messages=[conv_msg],
+                            n_iter=self.n_explore + self.n_smooth, converged=converged, messages=messages,
                             elapsed=time.perf_counter() - t0, seed=seed, likelihood=lik, traces=traces,
                             phases={"explore": self.n_explore}, acceptance=acceptance, posterior=post,
                             covariance_prefix="FOCE-I linearisation at the SAEM estimates: ")
@@ -207,14 +317,65 @@ class SAEM(Estimator):
         free = set(pset.natural_names)
         lag = max(1, self.n_smooth // 5)
         if tr.shape[0] <= lag:
-            return True, "saem: too few iterations to judge stability"
+            return True, "saem: estimation completed; too few iterations to judge stability"
         last, before = tr[-1], tr[-1 - lag]
         moved = [nm for j, nm in enumerate(names)
                  if nm in free and abs(last[j] - before[j]) > 0.02 * abs(last[j]) + 0.002]
         if moved:
-            return False, (f"parameters still moving at the end of the smoothing phase: {moved}; increase "
-                           f"n_explore / n_smooth")
-        return True, f"saem: {len(tr)} iterations; parameters stable over the last {lag}"
+            return False, (f"saem: parameters still moving at the end of the smoothing phase: {moved}; increase "
+                           f"n_explore / n_smooth (estimation completed, stochastic approximation NOT stable)")
+        return True, (f"saem: estimation completed, {len(tr)} iterations; stochastic approximation stable over "
+                      f"the last {lag}")
+
+    @staticmethod
+    def _failures(model, p_hat: Params, start, lik, repairs: list, last_k: int, data=None) -> list[str]:
+        """What makes a finished run a failure: exploding estimates, Ω not positive definite at the end, or a
+        final −2LL far worse than at the start. The variance limit applies to scale-free variances only: Ω of
+        log-normal parameters (checked on the model with ``data``; assumed without), IOV, proportional or
+        log-scale σ."""
+        pset = model.parameters
+        p0 = pset.natural_dict(pset.initial(torch.float64))
+        p1 = pset.natural_dict(p_hat)
+        lognormal = lognormal_components(model, p_hat, data) if data is not None else None
+        out = []
+        for nm in pset.natural_names:
+            v = p1[nm]
+            if nm.startswith("omega_"):  # variances by name; covariances (omega_<a>_<b>) are not checked
+                spec = pset.omega_iov if nm.startswith("omega_iov_") else pset.omega
+                base = nm[len("omega_iov_"):] if nm.startswith("omega_iov_") else nm[len("omega_"):]
+                is_var = base in spec.names
+                scale_free = lognormal is None or spec is pset.omega_iov or lognormal.get(base, False)
+                if is_var and scale_free and v > MAX_VARIANCE:
+                    out.append(f"{nm} = {v:.4g} (a variance above {MAX_VARIANCE:g})")
+                continue
+            if nm.startswith("sigma_"):
+                key = nm[len("sigma_"):]
+                err = getattr(model, "error", None)
+                scale_free = key == "prop" or bool(getattr(err, "log_scale", False))
+                if scale_free and v * v > MAX_VARIANCE:
+                    out.append(f"{nm} = {v:.4g} (variance {v * v:.4g} above {MAX_VARIANCE:g})")
+                    continue
+            par = pset.theta.get(nm)  # a typical value: fold change from the start
+            a = p0.get(nm)
+            if par is not None and par.lower >= 0 and a and a > 0 and v > 0:
+                fold = v / a
+                if fold > MAX_FOLD_CHANGE or fold < 1 / MAX_FOLD_CHANGE:
+                    out.append(f"{nm} moved from {a:.4g} to {v:.4g} ({fold:.3g}x)")
+        for spec, mat, prefix in ((pset.omega, p_hat.omega, "omega"), (pset.omega_iov, p_hat.omega_iov, "omega_iov")):
+            if spec is None or mat is None or not spec.names:
+                continue
+            if _positive_definite(spec, mat.detach(), mat.detach())[1] or any(k == last_k for k, _ in repairs):
+                out.append(f"{prefix} is not positive definite at the end of the run")
+        if start is not None and lik is not None and math.isfinite(start.m2ll) and math.isfinite(lik.m2ll):
+            se = math.sqrt((start.se or 0.0) ** 2 + (lik.se or 0.0) ** 2)
+            if lik.m2ll - start.m2ll > MAX_M2LL_INCREASE + 4 * se:
+                out.append(f"the final -2LL ({lik.m2ll:.2f}) is worse than at the initial values "
+                           f"({start.m2ll:.2f})")
+        return out
+
+
+def _fmt(nat: dict) -> str:
+    return ", ".join(f"{k} {v:.4g}" for k, v in nat.items())
 
 
 class _Run:
@@ -223,6 +384,8 @@ class _Run:
     def __init__(self, saem: SAEM, model: LatentModel, mdata, seed: int) -> None:
         self.saem, self.model, self.mdata = saem, model, mdata
         self.pset = pset = model.parameters
+        self.k = 0  # the current iteration (for messages)
+        self.repairs: list[tuple[int, str]] = []  # (iteration, what) for every Ω that had to be repaired
         dev = mdata.y.device
         self.gen = torch.Generator(device=dev)
         self.gen.manual_seed(seed)
@@ -311,6 +474,7 @@ class _Run:
         new_omega = _project_omega(self.pset.omega, om_full[:d, :d], p.omega)
         if anneal:
             new_omega = _anneal(new_omega, p.omega, anneal)
+        new_omega = self._repair(self.pset.omega, new_omega, p.omega, "omega")
         new_iov = p.omega_iov
         r = len(getattr(self.pset, "iov_names", []))
         if r and self.mdata.n_occ:
@@ -318,10 +482,22 @@ class _Run:
             new_iov = _project_omega(self.pset.omega_iov, torch.stack(blocks).mean(0), p.omega_iov)
             if anneal:
                 new_iov = _anneal(new_iov, p.omega_iov, anneal)
+            new_iov = self._repair(self.pset.omega_iov, new_iov, p.omega_iov, "omega_iov")
         sigma = dict(p.sigma)
         if self.closed_sigma:
             sigma[self.sig_free[0]] = self._closed_sigma(p, eta, gamma, anneal)
         return Params(dict(p.theta), new_omega, sigma, new_iov, dict(p.weights))
+
+    def _repair(self, spec: Omega, new: torch.Tensor, previous: torch.Tensor, prefix: str) -> torch.Tensor:
+        """Ω kept positive definite (the E-step factorises it); a repair is warned about once per run and
+        recorded with its iteration."""
+        fixed, notes = _positive_definite(spec, new, previous, prefix)
+        for note in notes:
+            if not self.repairs:
+                warnings.warn(f"saem: iteration {self.k}: {note} (later repairs are only counted in the result's "
+                              f"messages)", stacklevel=5)
+            self.repairs.append((self.k, note))
+        return fixed
 
     def _closed_sigma(self, p: Params, eta: torch.Tensor, gamma: float, anneal: float | None) -> torch.Tensor:
         """σ = √(SA of mean r²/g(f)) for Var(y) = σ²·g(f)."""

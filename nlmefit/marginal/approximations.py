@@ -10,7 +10,10 @@ and differ in the likelihood used for l and in H:
   (expected-information) Hessian H = Σ_j [∇f ∇fᵀ/V + ½ ∇V ∇Vᵀ/V²] + Ω⁻¹ (Almquist et al. 2015). This reproduces
   the Wang (2007) / NONMEM / nlmixr2 numbers.
 * **FOCE**: the residual variance frozen at its η = 0 value, H = Σ_j ∇f ∇fᵀ/V₀ + Ω⁻¹ (equal to Wang's
-  log|C| + rᵀC⁻¹r form at the mode).
+  log|C| + rᵀC⁻¹r form at the mode). This is NONMEM's ``METHOD=1`` without interaction for every error model
+  (it matches nlmixr2 on Wang 2007 for all four); when V depends on η (proportional, combined error) it can be
+  far from the exact likelihood (warfarin PK: OFV 298 vs exact 650 at its optimum), so the FOCE estimator
+  warns and points to FOCE-I (docs/estimation.md).
 * **Laplace**: the exact Hessian of l (``hessian="exact"``), or the FOCE-I one (``"gauss-newton"``, which is
   what nlmixr2's ``laplace`` reports for the Wang data).
 * **FO**: η̂ = 0, y ~ N(f₀, G Ω Gᵀ + V₀) evaluated with the matrix-determinant lemma in q×q algebra.

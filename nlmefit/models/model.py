@@ -24,7 +24,7 @@ from nlmefit.models.data import ModelData
 from nlmefit.models.error import LOG_2PI, ErrorModel, get_error_model, obs_loglik
 from nlmefit.models.formula import Term, parse_formula
 from nlmefit.models.parameters import Omega, Param, ParameterSet, Params
-from nlmefit.models.structure import OPTIONAL_PK_PARAMS, Structure
+from nlmefit.models.structure import OPTIONAL_PK_PARAMS, FunctionStructure, Structure
 from nlmefit.panel import Panel
 
 __all__ = ["Model", "ModelData"]
@@ -165,6 +165,8 @@ class Model:
         elif len(dvids) > 1:
             raise ModelSpecError(f"the data has several DVID values ({self._dvid_labels(panel, dvids)}); "
                                  f"say which one this model describes with Model(..., dvid=...)")
+        if check_likelihood:
+            self._check_doses(panel, mask_np)
         dv = panel.dv
         if self.error.log_scale and check_likelihood:  # simulation templates may carry no DV at all
             bad = mask_np & (panel.cens == 0) & ~(dv > 0)
@@ -199,6 +201,32 @@ class Model:
                                                                      dtype=torch.int64), per_obs=per_obs)
         self._dry_run(data, check_likelihood)
         return data
+
+    @property
+    def needs_doses(self) -> bool:
+        """Whether the structure's predictions come from the dose records (every PK structure). A structure
+        whose formula contains the dose (:class:`~nlmefit.models.structure.FunctionStructure`, e.g. Wang 2007's
+        ``10·exp(−ke·t)``) does not; a custom Structure says so with a ``needs_doses`` attribute."""
+        return bool(getattr(self.structure, "needs_doses", not isinstance(self.structure, FunctionStructure)))
+
+    def _check_doses(self, panel: Panel, obs_mask: np.ndarray) -> None:
+        """A PK structure predicts 0 for a subject without a dose: the fit would not move (the typical data-set
+        mistake is a column map that missed AMT, or dose rows dropped), so it is a DataError here."""
+        if not self.needs_doses:
+            return
+        dosed = (panel.dose_mask & ((panel.dose_amt != 0) | (panel.dose_rate != 0))).any(axis=1)
+        bad = obs_mask.any(axis=1) & ~dosed
+        if not bad.any():
+            return
+        ids = [_py_id(i) for i in np.asarray(panel.ids)[bad]]
+        shown = ", ".join(map(str, ids[:10])) + (f" … ({len(ids)} in all)" if len(ids) > 10 else "")
+        rule = "a dose record (EVID 1 or 4 with AMT or RATE ≠ 0)"
+        if bad.sum() == np.sum(obs_mask.any(axis=1)):
+            what = f"no subject has {rule} (IDs {shown})"
+        else:
+            what = f"ID {shown} {'has' if len(ids) == 1 else 'have'} no {rule[2:]}"
+        raise DataError(f"{what}, but {self.name} is a PK model whose predictions come from the doses; check the "
+                        f"AMT/EVID columns (a column map that missed the dose?), or drop subjects without doses")
 
     def _dvid_code(self, panel) -> int:
         levels = getattr(panel, "dvid_levels", None) or {}
@@ -373,6 +401,11 @@ class Model:
             eps = torch.randn(f.shape, generator=generator, dtype=f.dtype, device=f.device)
             f = f + torch.sqrt(var) * eps
         return self.error.untransform(f)
+
+
+def _py_id(x):
+    """A subject ID as the user wrote it (numpy scalars → Python)."""
+    return x.item() if isinstance(x, np.generic) else x
 
 
 def _fold(v: torch.Tensor, lead: tuple, n: int) -> torch.Tensor:

@@ -27,12 +27,34 @@ from nlmefit.results.covariance import covariance_step
 from nlmefit.results.fit_result import FitResult
 from nlmefit.results.residuals import prediction_table
 
-__all__ = ["build_result", "versions", "individual_table"]
+__all__ = ["build_result", "versions", "individual_table", "unmoved_parameters", "model_name"]
+
+#: a free parameter "did not move" when |estimate − start| ≤ MOVE_RTOL·max(|start|, MOVE_FLOOR)
+MOVE_RTOL = 1e-6
+MOVE_FLOOR = 1e-8
 
 
 def versions() -> dict:
     return {"nlmefit": __version__, "torch": torch.__version__, "numpy": np.__version__,
             "scipy": scipy.__version__, "pandas": pd.__version__, "python": platform.python_version()}
+
+
+def model_name(model) -> str:
+    """The name a report should show: the model's own ``name``; for an :class:`nlmefit.Model` whose name is just
+    its structure's (no ``name=`` given) but which has a custom parameter model or covariate effects, that
+    structure name says too little, so those are named as well."""
+    name = getattr(model, "name", None) or type(model).__name__
+    structure = getattr(model, "structure", None)
+    if structure is None or name != getattr(structure, "name", None):
+        return name
+    fn = getattr(model, "params_fn", None)
+    if fn is not None:
+        return f"{name} with custom parameter model {getattr(fn, '__qualname__', None) or repr(fn)}"
+    terms = getattr(model, "terms", None) or []
+    if terms:
+        params = sorted({t.param for t in terms})
+        return f"{name} with covariate effects on {', '.join(params)}"
+    return name
 
 
 def _eta_labels(model, data) -> list[str]:
@@ -106,17 +128,47 @@ def _shrinkage(model, p_hat, data, eta_hat, preds):
     return pd.Series(shr, index=list(model.eta_names)), eps_shr
 
 
+def unmoved_parameters(pset, p_hat) -> list[str] | None:
+    """None when some free parameter moved from its start (the model's initial value), else the names of the
+    free parameters (all of them stayed within a relative 1e-6 of their starts). Tensor-valued weights count
+    as free parameters that moved when any element did."""
+    free = set(pset.natural_names)
+    if not free:
+        return None
+    start = pset.natural_dict(pset.initial(torch.float64))
+    end = pset.natural_dict(p_hat.detach())
+    names = []
+    for k in pset.natural_names:
+        a, b = float(start[k]), float(end[k])
+        if not (np.isfinite(a) and np.isfinite(b)) or abs(b - a) > MOVE_RTOL * max(abs(a), MOVE_FLOOR):
+            return None
+        names.append(k)
+    return names
+
+
 def build_result(estimator, model, data, p_hat, eta_hat, *, linearisation: Linearisation, n_iter: int,
                  converged: bool, messages: list[str], elapsed: float, seed: int | None,
                  likelihood: LoglikEstimate | None = None, traces: pd.DataFrame | None = None,
                  phases: Mapping[str, int] | None = None, acceptance: Mapping[str, float] | None = None,
-                 mcmc: pd.DataFrame | None = None, posterior=None, covariance_prefix: str = "") -> FitResult:
+                 mcmc: pd.DataFrame | None = None, posterior=None, covariance_prefix: str = "",
+                 check_moved: bool = True) -> FitResult:
     """The FitResult of ``estimator`` at ``p_hat`` (modes ``eta_hat``).
 
     ``likelihood``, when given, supplies the reported OFV instead of ``linearisation``'s −2 log L (SAEM, NUTS:
     their objective is not an OFV). ``covariance_prefix`` says whose linearisation the covariance step used
-    when it is not the estimator's own objective."""
+    when it is not the estimator's own objective. With ``check_moved`` (off for a plain evaluation at the
+    initial values, ``maxiter=0``) a fit whose free parameters all stayed at their starts is not converged:
+    the data carried no information about them or the optimiser never left the start."""
     pset = model.parameters
+    messages = list(messages)
+    stuck = unmoved_parameters(pset, p_hat) if check_moved else None
+    if stuck:
+        msg = (f"{estimator.name}: no free parameter moved from its initial value (relative change < "
+               f"{MOVE_RTOL:g} for {', '.join(stuck)}); the estimates are the starting values, not a fit — check "
+               f"that the data inform the model (doses, observations, DVID) and the initial values")
+        warnings.warn(msg, stacklevel=4)
+        messages.append(msg)
+        converged = False
     likelihoods = {}
     if likelihood is not None:
         m2ll = likelihood.m2ll
@@ -138,7 +190,7 @@ def build_result(estimator, model, data, p_hat, eta_hat, *, linearisation: Linea
         fixed=sorted(pset.fixed_names()), ofv=m2ll - data.n_uncensored * LOG_2PI, loglik=-m2ll / 2,
         n_subjects=data.n_subjects, n_obs=data.n_obs, n_estimated=pset.n_free, converged=converged,
         n_iter=n_iter, elapsed_s=elapsed, messages=list(messages), seed=seed, versions=versions(),
-        model_name=getattr(model, "name", type(model).__name__), eta_names=list(model.eta_names),
+        model_name=model_name(model), eta_names=list(model.eta_names),
         covariance=cov_df, covariance_ok=cov_ok, covariance_kind=estimator.covariance, covariance_message=cov_msg,
         condition_number=cond, individual_estimates=individual_table(model, p_hat, data, eta_hat, posterior),
         predictions=preds, eta_shrinkage=eta_shr, epsilon_shrinkage=eps_shr, likelihoods=likelihoods,

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,8 +34,12 @@ import torch
 from scipy.stats import norm
 
 from nlmefit import diagnostics as dg
+from nlmefit.models.spec import restore as restore_model_spec
+from nlmefit.models.spec import spec_of as model_spec_of
 from nlmefit.panel import Panel
 from nlmefit.results.html import fit_result_html
+from nlmefit.results.schema import load_result_json, validate_result
+from nlmefit.results.summary import parameter_table, summary_text
 
 __all__ = ["FitResult", "SCHEMA_VERSION"]
 
@@ -116,6 +121,7 @@ class FitResult:
     mcmc: pd.DataFrame | None = field(default=None, compare=False)  # sampler diagnostics (R-hat, ESS …)
     weights: Mapping[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
     source: Mapping[str, Any] = field(default_factory=dict)  # how the data and model were given (CLI)
+    model_spec: Mapping[str, Any] = field(default_factory=dict, compare=False)  # saved spec (nlmefit.models.spec)
     model: Any = field(default=None, repr=False, compare=False)
     data: Any = field(default=None, repr=False, compare=False)  # the ModelData fitted (not serialised)
     posterior: Any = field(default=None, repr=False, compare=False)  # q(η_i): a Distribution, batch [N] (not saved)
@@ -219,14 +225,11 @@ class FitResult:
         se = self.se
         return pd.DataFrame({"ci_low": self.estimates - z * se, "ci_high": self.estimates + z * se})
 
-    def summary(self) -> pd.DataFrame:
-        """estimate, se, rse_pct, ci_low, ci_high, fixed — one row per parameter."""
-        se = self.se
-        ci = self.conf_int()
-        with np.errstate(divide="ignore", invalid="ignore"):
-            rse = 100 * se / self.estimates.abs()
-        return pd.DataFrame({"estimate": self.estimates, "se": se, "rse_pct": rse, "ci_low": ci["ci_low"],
-                             "ci_high": ci["ci_high"], "fixed": [n in self.fixed for n in self.estimates.index]})
+    def summary(self, alpha: float = 0.05) -> pd.DataFrame:
+        """One row per parameter: estimate, se, rse_pct, ci_low, ci_high, fixed, then kind, label, variance
+        (ω², σ²), %CV, shrinkage (:func:`nlmefit.results.summary.parameter_table`). Intervals of variances and
+        SDs are on the log scale, the others Wald."""
+        return parameter_table(self, alpha)
 
     @property
     def theta(self) -> pd.Series:
@@ -262,21 +265,8 @@ class FitResult:
         print(self.summary_text(decimals))
 
     def summary_text(self, decimals: int = 4) -> str:
-        lines = [
-            f"nlmefit {self.method.upper()} fit of {self.model_name}",
-            f"  subjects {self.n_subjects}   observations {self.n_obs}   estimated parameters {self.n_estimated}",
-            f"  OFV {self.ofv:.{decimals}f}   -2LL {-2 * self.loglik:.{decimals}f}   AIC {self.aic:.{decimals}f}"
-            f"   BIC {self.bic:.{decimals}f}",
-            f"  minimisation {'successful' if self.converged else 'NOT successful'} after {self.n_iter} iterations"
-            f" ({self.elapsed_s:.2f} s)",
-            f"  covariance step: {self.covariance_message or 'not run'}",
-            "",
-            self.summary().to_string(float_format=lambda v: f"{v:.{decimals}g}"),
-        ]
-        if self.eta_shrinkage is not None:
-            sh = ", ".join(f"{k} {100 * v:.1f}%" for k, v in self.eta_shrinkage.items())
-            lines += ["", f"  eta shrinkage: {sh};  epsilon shrinkage: {100 * (self.epsilon_shrinkage or 0):.1f}%"]
-        return "\n".join(lines)
+        """The printed summary (:func:`nlmefit.results.summary.summary_text`)."""
+        return summary_text(self, decimals)
 
     # ------------------------------------------------------------------ diagnostics (nlmefit.diagnostics)
     def plot_gof(self, **kwargs):
@@ -355,6 +345,7 @@ class FitResult:
             "mcmc": _frame_to_json(self.mcmc),
             "weights": {k: list(v.shape) for k, v in self.weights.items()},
             "source": dict(self.source),
+            "model_spec": model_spec_of(self.model) if self.model is not None else (dict(self.model_spec) or None),
         })
 
     def to_json(self, path: str | os.PathLike) -> None:
@@ -370,21 +361,32 @@ class FitResult:
         _atomic_write(path, lambda fh: json.dump(self.to_dict(), fh, indent=1, allow_nan=False))
 
     @classmethod
-    def from_dict(cls, d: dict, model=None, weights: Mapping[str, torch.Tensor] | None = None) -> FitResult:
-        version = d.get("schema_version", 1)
+    def from_dict(cls, d: dict, model=None, weights: Mapping[str, torch.Tensor] | None = None,
+                  restore_model: bool = False, where: str = "result") -> FitResult:
+        """A FitResult from :meth:`to_dict`'s output, validated first (:mod:`nlmefit.results.schema`: a
+        ValueError names the key and what is wrong). With ``restore_model`` (the default of :meth:`from_json`)
+        and no ``model``, the model is rebuilt from the saved specification when it can be; when it cannot, a
+        warning says why and ``model`` stays None."""
+        version = validate_result(d, where=where)
         if version == 1:
             d = _upgrade_v1(d)
-        elif version != SCHEMA_VERSION:
-            raise ValueError(f"result schema version {version} is not supported (this nlmefit reads "
-                             f"{SCHEMA_VERSION}); refit with this version")
+        spec = dict(d.get("model_spec") or {})
+        if model is None and restore_model and spec:
+            model, why = restore_model_spec(spec)
+            if why is not None:
+                warnings.warn(f"{where}: model not restored: {why}", stacklevel=2)
         nan = float("nan")
+
+        def num(x) -> float:
+            return nan if x is None else float(x)
+
         est = pd.Series({k: (nan if v is None else float(v)) for k, v in d["estimates"].items()}, dtype=float)
         cov = _frame_from_json(d.get("covariance"))
         return cls(
             method=d["method"], options=d.get("options", {}), estimates=est, fixed=list(d.get("fixed", [])),
-            ofv=float(d["ofv"]), loglik=float(d["loglik"]), n_subjects=int(d["n_subjects"]),
+            ofv=num(d["ofv"]), loglik=num(d["loglik"]), n_subjects=int(d["n_subjects"]),
             n_obs=int(d["n_obs"]), n_estimated=int(d["n_estimated"]), converged=bool(d["converged"]),
-            n_iter=int(d["n_iter"]), elapsed_s=float(d["elapsed_s"]), messages=list(d.get("messages", [])),
+            n_iter=int(d["n_iter"]), elapsed_s=num(d["elapsed_s"]), messages=list(d.get("messages", [])),
             seed=d.get("seed"), versions=d.get("versions", {}), model_name=d.get("model", ""),
             eta_names=list(d.get("eta_names", [])), covariance=None if cov is None else cov.astype(float),
             covariance_ok=bool(d.get("covariance_ok")), covariance_kind=d.get("covariance_kind"),
@@ -396,22 +398,25 @@ class FitResult:
             traces=_traces_from_json(d.get("traces")), phases=dict(d.get("phases") or {}),
             acceptance=dict(d.get("acceptance") or {}), mcmc=_frame_from_json(d.get("mcmc")),
             weights=dict(weights or {}), source=dict(d.get("source") or {}), model=model,
+            model_spec=spec,
         )
 
     @classmethod
-    def from_json(cls, path: str | os.PathLike, model=None) -> FitResult:
+    def from_json(cls, path: str | os.PathLike, model=None, restore_model: bool = True) -> FitResult:
         """Read a result written by :meth:`to_json` (weights from the ``.pt`` beside it, loaded with
-        ``torch.load(weights_only=True)``: no code is unpickled)."""
+        ``torch.load(weights_only=True)``: no code is unpickled). An empty, truncated or edited file raises
+        ValueError naming what is wrong. Without ``model``, the model is rebuilt from the saved specification
+        (:mod:`nlmefit.models.spec`) when it can be, else a warning says why; ``restore_model=False`` skips that
+        (a custom model's specification imports its module: use it for results you do not trust)."""
         path = os.fspath(path)
-        with open(path) as fh:
-            d = json.load(fh)
+        d = load_result_json(path)
         weights = None
         if d.get("weights"):
             wpath = _weights_path(path)
             if not os.path.exists(wpath):
                 raise ValueError(f"{path} names tensor-valued weights {sorted(d['weights'])} but {wpath} is missing")
             weights = torch.load(wpath, map_location="cpu", weights_only=True)
-        return cls.from_dict(d, model=model, weights=weights)
+        return cls.from_dict(d, model=model, weights=weights, restore_model=restore_model, where=path)
 
 
 def _weights_path(path: str) -> str:
