@@ -1,129 +1,485 @@
-"""The ``nlmefit`` command: ``validate``, ``fit``, ``diagnose``, ``simulate``.
+"""The ``nlmefit`` command: ``validate``, ``fit``, ``diagnose``, ``simulate`` (reference: docs/cli.md).
 
-Exit codes: 0 success, 2 bad data or model specification (one clear line on stderr), 1 an estimation failure.
-A model is a library name (``1cmt_oral``) or ``path/file.py:object`` (an object that is a Model, or a function
-returning one). DATA is a CSV path or the name of a shipped dataset (``theophylline``, ``pheno``, ...).
+Exit codes: 0 success; 2 bad arguments, data, model specification, output location or saved result (one line on
+stderr, naming what is wrong, checked before any estimation starts); 1 an estimation failure (or a fit that did not
+converge); 130 interrupted (Ctrl-C). A model is a library name (``1cmt_oral``), an example (``pheno_real``) or
+``path/file.py:object`` (an object that is a Model, or a function returning one). DATA is a CSV path or the name of
+a shipped dataset (``theophylline``, ``pheno``, ...).
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import contextlib
 import json
+import math
 import os
+import re
 import sys
+import tempfile
+import time
+import warnings
 from pathlib import Path
 
 import pandas as pd
 
-__all__ = ["main"]
+__all__ = ["main", "build_parser", "CliError"]
 
 #: the model each shipped dataset is fitted with when --model is not given
 DEFAULT_MODELS = {"theophylline": "1cmt_oral", "pheno": "pheno_real", "warfarin": "1cmt_oral",
                   "wang2007": "wang2007",
                   "oral_1cpt": "1cmt_oral", "bolus_2cpt": "2cmt_iv", "infusion_1cpt": "1cmt_iv"}
+CLASSICAL = ("fo", "foce", "focei", "laplace", "agq")
+METHODS = CLASSICAL + ("saem", "nuts")
 
 
-def _read_data(spec: str) -> tuple[pd.DataFrame, str]:
+class CliError(Exception):
+    """A bad argument, path or saved result: reported as one line, exit status 2."""
+
+
+# ---------------------------------------------------------------------- argument types (argparse `type=`)
+def _int(text: str, low: int, what: str) -> int:
+    try:
+        v = int(str(text).strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if v < low:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return v
+
+
+def positive_int(text: str) -> int:
+    return _int(text, 1, "a positive integer")
+
+
+def nonneg_int(text: str) -> int:
+    return _int(text, 0, "a non-negative integer")
+
+
+def seed_int(text: str) -> int:
+    v = _int(text, 0, "a non-negative integer seed")
+    if v >= 2 ** 63:
+        raise argparse.ArgumentTypeError(f"seed {text!r} is too large (below 2**63)")
+    return v
+
+
+def finite_float(text: str) -> float:
+    try:
+        v = float(str(text).strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return v
+
+
+def positive_float(text: str) -> float:
+    v = finite_float(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return v
+
+
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.,\[\]]*$")
+
+
+def name_value(text: str) -> tuple[str, float]:
+    """``NAME=VALUE`` with a finite number."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE (e.g. cl=2.8), got {text!r}")
+    k, v = (s.strip() for s in text.split("=", 1))
+    if not _NAME.match(k):
+        raise argparse.ArgumentTypeError(f"{text!r}: {k!r} is not a parameter name")
+    try:
+        return k, finite_float(v)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r}: the value of {k} must be a finite number, got {v!r}") from None
+
+
+def column_pair(text: str) -> tuple[str, str]:
+    """``CANONICAL=column`` (``DV=CONC``)."""
+    from nlmefit.panel.columns import CANONICAL
+
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected NAME=COLUMN (e.g. DV=CONC), got {text!r}")
+    k, v = (s.strip() for s in text.split("=", 1))
+    if k.upper() not in CANONICAL:
+        raise argparse.ArgumentTypeError(f"{text!r}: {k!r} is not a NONMEM column name (one of {', '.join(CANONICAL)})")
+    if not v:
+        raise argparse.ArgumentTypeError(f"{text!r}: no data column given after '='")
+    return k.upper(), v
+
+
+def cov_formula(text: str) -> tuple[str, str]:
+    """``param ~ formula`` (``cl ~ log(WT/70)``); the formula's syntax is checked here."""
+    from nlmefit.errors import ModelSpecError
+    from nlmefit.models.formula import parse_formula
+
+    if "~" not in text:
+        raise argparse.ArgumentTypeError(f"expected PARAM ~ FORMULA (e.g. \"cl ~ log(WT/70)\"), got {text!r}")
+    p, f = (s.strip() for s in text.split("~", 1))
+    if not p.isidentifier():
+        raise argparse.ArgumentTypeError(f"{text!r}: {p!r} is not a parameter name")
+    if not f:
+        raise argparse.ArgumentTypeError(f"{text!r}: empty formula after '~'")
+    try:
+        parse_formula(p, f)
+    except ModelSpecError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return p, f
+
+
+def omega_block(text: str) -> tuple[str, ...]:
+    names = tuple(s.strip() for s in text.split(","))
+    if len(names) < 2 or not all(n.isidentifier() for n in names) or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"expected two or more distinct parameter names separated by commas "
+                                         f"(e.g. cl,v), got {text!r}")
+    return names
+
+
+def error_name(text: str) -> str:
+    """An error model name or alias (``prop``, ``add``, ``combined`` ...), as the Python API accepts."""
+    from nlmefit.errors import ModelSpecError
+    from nlmefit.models.error import _ALIASES, get_error_model
+
+    try:
+        return get_error_model(text).name
+    except ModelSpecError:
+        raise argparse.ArgumentTypeError(f"unknown error model {text!r} (choose from additive, proportional, "
+                                         f"combined1, combined2, exponential, or {', '.join(_ALIASES)})") from None
+
+
+def separator(text: str) -> str:
+    named = {"tab": "\t", "\\t": "\t", "comma": ",", "semicolon": ";", "space": " ", "whitespace": r"\s+",
+             "pipe": "|"}
+    if text.lower() in named:
+        return named[text.lower()]
+    if len(text) != 1 or text.isalnum() or text in "\"'":
+        raise argparse.ArgumentTypeError(f"expected one separator character or tab/comma/semicolon/space/"
+                                         f"whitespace/pipe, got {text!r}")
+    return text
+
+
+def nonempty(text: str) -> str:
+    if not str(text).strip():
+        raise argparse.ArgumentTypeError("expected a non-empty value")
+    return text
+
+
+def device_name(text: str) -> str:
+    if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", text.strip()):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda, cuda:N or mps, got {text!r}")
+    return text.strip()
+
+
+def regimen_text(text: str) -> str:
+    from nlmefit.errors import ModelSpecError
+    from nlmefit.simulation.regimen import Regimen
+
+    try:
+        Regimen.parse(text)
+    except (ModelSpecError, ValueError) as e:
+        raise argparse.ArgumentTypeError(str(e).splitlines()[0]) from None
+    return text
+
+
+def target_text(text: str) -> str:
+    try:
+        _parse_target(text)
+    except CliError as e:
+        raise argparse.ArgumentTypeError(str(e).split(": ", 1)[-1]) from None
+    return text
+
+
+def mic_list(text: str) -> list[float]:
+    try:
+        vals = [positive_float(x) for x in text.split(",")]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive MICs (e.g. 0.5,1,2), got {text!r}") \
+            from None
+    return vals
+
+
+def subjects_arg(text: str) -> str:
+    if text != "observed" and not all(x.strip() for x in text.split(",")):
+        raise argparse.ArgumentTypeError(f"expected 'observed' or comma-separated IDs (e.g. 1,2,3), got {text!r}")
+    return text
+
+
+# ---------------------------------------------------------------------- paths
+def _writable_folder(folder: Path, flag: str, shown: str) -> None:
+    """``folder`` (existing) accepts a new file: probed by creating and removing one."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".nlmefit-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise CliError(f"{flag} {shown}: cannot write in {folder} ({e.strerror or e})") from None
+
+
+def _existing_ancestor(p: Path) -> Path:
+    a = p.absolute()
+    while not a.exists():
+        a = a.parent
+    return a
+
+
+def check_out_dir(path: str, flag: str = "--out") -> Path:
+    """Refuse, before any work, an output folder that is a file, lies under a file, or cannot be written."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise CliError(f"{flag} {path}: exists and is not a folder")
+    anc = _existing_ancestor(p)
+    if not anc.is_dir():
+        raise CliError(f"{flag} {path}: {anc} is a file, not a folder")
+    _writable_folder(anc, flag, path)
+    return p
+
+
+def check_out_file(path: str, flag: str = "--out") -> Path:
+    """Refuse, before any work, an output file that is a folder, lies under a file, or cannot be written."""
+    p = Path(path)
+    if p.is_dir() or str(path).endswith(("/", os.sep)):
+        raise CliError(f"{flag} {path}: is a folder; give a file name such as sim.csv")
+    anc = _existing_ancestor(p.parent if str(p.parent) else Path("."))
+    if not anc.is_dir():
+        raise CliError(f"{flag} {path}: {anc} is a file, not a folder")
+    _writable_folder(anc, flag, path)
+    return p
+
+
+# ---------------------------------------------------------------------- data and models
+def _read_data(spec: str, sep: str | None = None, where: str | None = None) -> tuple[pd.DataFrame, str]:
     from nlmefit import datasets
-
-    if os.path.exists(spec):
-        sep = "\t" if spec.endswith((".tsv", ".txt")) else ","
-        try:
-            return pd.read_csv(spec, sep=sep), Path(spec).stem
-        except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
-            from nlmefit.errors import DataError
-
-            raise DataError(f"{spec}: cannot be read as CSV ({e})") from None
-    if spec in datasets.names():
-        return datasets.load(spec), spec
     from nlmefit.errors import DataError
 
-    raise DataError(f"{spec!r} is neither a file nor a shipped dataset ({', '.join(datasets.names())})")
+    if os.path.exists(spec):
+        if os.path.isdir(spec):
+            raise DataError(f"{spec}: is a folder, not a CSV file")
+        s = sep if sep is not None else ("\t" if spec.endswith((".tsv", ".txt")) else ",")
+        try:
+            df = pd.read_csv(spec, sep=s, engine="python" if len(s) > 1 else "c")
+        except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError, OSError) as e:
+            raise DataError(f"{spec}: cannot be read as CSV ({str(e).strip().splitlines()[0]})") from None
+        label = Path(spec).stem
+    elif spec in datasets.names():
+        df, label = datasets.load(spec), spec
+    else:
+        raise DataError(f"{spec!r} is neither a file nor a shipped dataset ({', '.join(datasets.names())})")
+    if where:
+        try:
+            kept = df.query(where)
+        except Exception as e:  # pandas raises many kinds for a bad expression; all are the user's input
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DataError(f"--where {where!r}: cannot be applied ({msg}; columns: {list(df.columns)})") from None
+        if not isinstance(kept, pd.DataFrame):
+            raise DataError(f"--where {where!r}: expected a condition on the columns (e.g. \"EVID == 0 or AMT > 0\")")
+        if len(kept) == 0:
+            raise DataError(f"--where {where!r} keeps none of the {len(df)} records")
+        df = kept.reset_index(drop=True)
+    return df, label
 
 
-def _load_model(spec: str, error: str | None, dvid: str | None = None):
+def _column_map(df: pd.DataFrame, cols) -> dict[str, str]:
+    from nlmefit.errors import DataError
+
+    out: dict[str, str] = {}
+    for canon, user in cols or []:
+        if user not in df.columns:
+            near = [c for c in df.columns if str(c).lower() == user.lower()]
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise DataError(f"--col {canon}={user}: the data has no column {user!r} (columns: {list(df.columns)})"
+                            f"{hint}")
+        if canon in out:
+            raise DataError(f"--col {canon} given twice ({out[canon]!r} and {user!r})")
+        out[canon] = user
+    return out
+
+
+def _panel(df: pd.DataFrame, columns: dict, sort: bool, require_dv: bool = True):
+    from nlmefit.panel import Panel
+
+    return Panel.from_dataframe(df, sort=sort, require_dv=require_dv, **{k.lower(): v for k, v in columns.items()})
+
+
+def _load_model(spec: str, error: str | None, dvid: str | None = None, covariates: dict | None = None,
+                blocks: list | None = None):
     from nlmefit.errors import ModelSpecError
-    from nlmefit.models import Model, library
+    from nlmefit.models import Omega, library
     from nlmefit.models.examples import EXAMPLES
+    from nlmefit.models.spec import attach_reference, load_reference
 
+    custom = spec in EXAMPLES or (":" in spec and spec.split(":")[0].endswith(".py"))
+    if custom and (covariates or blocks):
+        raise ModelSpecError(f"--cov and --omega-block apply to library models ({', '.join(library.NAMES)}); "
+                             f"write them into {spec} instead")
     if spec in EXAMPLES:
-        return EXAMPLES[spec]()
+        return attach_reference(EXAMPLES[spec](), f"nlmefit.models.examples:{spec}")
     if ":" in spec and spec.split(":")[0].endswith(".py"):
         path, obj = spec.rsplit(":", 1)
-        if not os.path.exists(path):
-            raise ModelSpecError(f"model file {path!r} does not exist")
-        mod_spec = importlib.util.spec_from_file_location("nlmefit_user_model", path)
-        module = importlib.util.module_from_spec(mod_spec)
-        mod_spec.loader.exec_module(module)  # the user's own code, named by the user on the command line
-        if not hasattr(module, obj):
-            raise ModelSpecError(f"{path} has no object {obj!r}")
-        m = getattr(module, obj)
-        m = m() if callable(m) and not isinstance(m, Model) else m
-        if not isinstance(m, Model):
-            raise ModelSpecError(f"{spec} is not a nlmefit Model (got {type(m).__name__})")
-        return m
-    return library.get(spec, error=error or "additive", dvid=dvid)
+        ref = f"{os.path.abspath(path)}:{obj}"
+        try:
+            return attach_reference(load_reference(ref), ref)
+        except ValueError as e:
+            raise ModelSpecError(f"--model {spec}: {e}") from None
+    if spec not in library.NAMES:
+        raise ModelSpecError(f"--model {spec!r}: not a library model ({', '.join(library.NAMES)}), an example "
+                             f"({', '.join(EXAMPLES)}) or path/file.py:object")
+    kw: dict = {"dvid": dvid}
+    if covariates:
+        kw["covariates"] = covariates
+    if blocks:
+        params = library.structure(spec).param_names
+        for b in blocks:
+            bad = [n for n in b if n not in params]
+            if bad:
+                raise ModelSpecError(f"--omega-block {','.join(b)}: {bad} not parameters of {spec} ({list(params)})")
+        kw["omega"] = Omega({p: 0.1 for p in params}, blocks=[tuple(b) for b in blocks])
+    return library.get(spec, error=error or "additive", **kw)
 
 
-def _params_arg(args) -> dict:
+def _params_arg(args, model=None) -> dict:
+    from nlmefit.errors import ModelSpecError
+
     values: dict = {}
     if args.params:
-        with open(args.params) as fh:
-            values.update(json.load(fh))
-    for item in args.param or []:
-        if "=" not in item:
-            from nlmefit.errors import ModelSpecError
-
-            raise ModelSpecError(f"--param expects NAME=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        values[k] = float(v)
+        try:
+            with open(args.params) as fh:
+                raw = json.load(fh)
+        except OSError as e:
+            raise CliError(f"--params {args.params}: cannot be read ({e.strerror or e})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CliError(f"--params {args.params}: not valid JSON ({e})") from None
+        if not isinstance(raw, dict):
+            raise CliError(f"--params {args.params}: expected a JSON object {{name: value}}")
+        for k, v in raw.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise CliError(f"--params {args.params}: value of {k!r} must be a finite number, got {v!r}")
+        values.update(raw)
+    for k, v in args.param or []:
+        values[k] = v
+    if model is not None and values:
+        try:
+            model.parameters.params_from_dict(values)
+        except ModelSpecError as e:
+            raise CliError(f"--param/--params: {e}") from None
     return values
 
 
+def _check_device(device: str | None) -> None:
+    if device and device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise CliError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+
+
 def _load_fit(result_dir: str):
-    """The FitResult in RESULT_DIR/result.json with its model and data attached again (from the provenance
-    ``nlmefit fit`` recorded), ready for diagnostics and simulation."""
-    from nlmefit.errors import ModelSpecError
+    """The FitResult in RESULT_DIR/result.json with its model (restored from the saved specification, else from
+    the ``source`` record ``nlmefit fit`` wrote) and data attached again, ready for diagnostics and simulation."""
     from nlmefit.results import FitResult
 
-    path = Path(result_dir) / "result.json" if Path(result_dir).is_dir() else Path(result_dir)
+    p = Path(result_dir)
+    path = p / "result.json" if p.is_dir() else p
     if not path.exists():
-        raise ModelSpecError(f"{result_dir}: no result.json (write one with `nlmefit fit ... --out DIR`)")
-    with open(path) as fh:
-        raw = json.load(fh)
-    prov = raw.get("source") or (raw.get("extra") or {}).get("cli")  # schema 1 kept it in "extra"
-    if not prov:
-        raise ModelSpecError(f"{path} was not written by `nlmefit fit` (no record of its data and model); load it "
-                             f"in Python with FitResult.from_json(path, model=...) instead")
-    df, _ = _read_data(prov["data"])
-    model = _load_model(prov["model"], prov.get("error"), prov.get("dvid"))
-    res = FitResult.from_dict(raw, model=model)
-    return res.replace(data=model.prepare(df, check_likelihood=False))
+        raise CliError(f"{result_dir}: no result.json (write one with `nlmefit fit ... --out DIR`)")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            res = FitResult.from_json(path)
+        except ValueError as e:
+            raise CliError(str(e)) from None
+    why = "; ".join(str(w.message) for w in caught)
+    prov = dict(res.source or {})
+    if not isinstance(prov.get("data"), str) or not isinstance(prov.get("model", ""), str):
+        raise CliError(f"{path} was not written by `nlmefit fit` (no record of its data and model); load it in "
+                       f"Python with FitResult.from_json(path, model=...) instead")
+    model = res.model
+    if model is None:
+        if not prov.get("model"):
+            raise CliError(f"{path}: the model cannot be rebuilt ({why or 'no model record'})")
+        model = _load_model(prov["model"], prov.get("error"), prov.get("dvid"),
+                            dict(prov.get("covariates") or {}) or None, prov.get("omega_blocks"))
+    df, _ = _read_data(prov["data"], prov.get("sep"), prov.get("where"))
+    cols = dict(prov.get("columns") or {})
+    panel = _panel(df, cols, bool(prov.get("sort", False)))
+    return res.replace(model=model, data=model.prepare(panel, check_likelihood=False))
 
 
+# ---------------------------------------------------------------------- writing
+def _atomic_csv(df: pd.DataFrame, path: str) -> None:
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    try:
+        df.to_csv(tmp, index=False)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _atomic_fig(fig, path: Path, dpi: int) -> None:
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".tmp-{path.name}")
+    try:
+        fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip("."))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    finally:
+        plt.close(fig)
+
+
+def _retire_old_outputs(out: Path, result) -> list[str]:
+    """Outputs in OUT that described an older fit: diagnostics/ is moved aside, a stale result.pt removed."""
+    notes = []
+    diag = out / "diagnostics"
+    if diag.exists():
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        dest, k = out / f"diagnostics.old-{stamp}", 1
+        while dest.exists():
+            dest, k = out / f"diagnostics.old-{stamp}-{k}", k + 1
+        os.replace(diag, dest)
+        notes.append(f"moved diagnostics/ of the previous fit to {dest.name}/ (run `nlmefit diagnose {out}` again)")
+    pt = out / "result.pt"
+    if not result.weights and pt.exists():
+        pt.unlink()
+        notes.append("removed result.pt of the previous fit")
+    return notes
+
+
+# ---------------------------------------------------------------------- commands
 def cmd_validate(args) -> int:
-    from nlmefit.panel import Panel
-
-    df, _ = _read_data(args.data)
-    panel = Panel.from_dataframe(df, sort=args.sort)
+    df, _ = _read_data(args.data, args.sep, args.where)
+    panel = _panel(df, _column_map(df, args.col), args.sort, require_dv=not args.no_dv)
     print(repr(panel))
     return 0
 
 
 def cmd_simulate(args) -> int:
-    from nlmefit.errors import ModelSpecError
-
     if args.fit is not None:
         return _simulate_regimens(args)
     if args.regimen:
-        raise ModelSpecError("--regimen needs --fit RESULT_DIR (the fitted model to simulate from)")
+        raise CliError("--regimen needs --fit RESULT_DIR (the fitted model to simulate from)")
     if args.data is None or args.model is None:
-        raise ModelSpecError("give DATA and --model (replicates of a dataset), or --fit RESULT_DIR --regimen ...")
+        raise CliError("give DATA and --model (replicates of a dataset), or --fit RESULT_DIR --regimen ...")
+    for flag in ("population", "subjects", "target", "mic", "threshold"):
+        if getattr(args, flag) is not None:
+            raise CliError(f"--{flag} applies to regimen simulation (--fit RESULT_DIR --regimen ...)")
     from nlmefit.simulation import simulate
 
-    df, _ = _read_data(args.data)
-    model = _load_model(args.model, args.error)
-    out = simulate(model, _params_arg(args), df, n=args.n, seed=args.seed, residual=not args.no_residual)
+    check_out_file(args.out)
+    df, _ = _read_data(args.data, args.sep, args.where)
+    cols = _column_map(df, args.col)
+    model = _load_model(args.model, args.error, args.dvid)
+    params = _params_arg(args, model)
+    data = _panel(df, cols, True, require_dv=False) if (cols or args.sort) else df
+    residual = True if args.residual is None else args.residual
+    out = simulate(model, params, data, n=args.n, seed=args.seed, residual=residual)
     _atomic_csv(out, args.out)
     print(f"wrote {len(out)} rows ({args.n} replicate(s)) to {args.out}")
     return 0
@@ -133,18 +489,21 @@ def cmd_diagnose(args) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     from nlmefit import diagnostics as dg
 
+    p = Path(args.result)
+    if not p.exists():
+        raise CliError(f"{args.result}: no such folder (write one with `nlmefit fit ... --out DIR`)")
+    res_dir = p if p.is_dir() else p.parent
+    out = Path(args.out) if args.out else res_dir / "diagnostics"
+    check_out_dir(str(out), "--out" if args.out else "diagnostics folder")
     fit = _load_fit(args.result)
-    out = Path(args.out) if args.out else Path(args.result) / "diagnostics"
     out.mkdir(parents=True, exist_ok=True)
     written: list[str] = []
 
     def save(fig, name: str) -> None:
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
+        _atomic_fig(fig, out / name, 110)
         written.append(name)
 
     save(dg.plot_gof(fit), "gof.png")
@@ -153,6 +512,8 @@ def cmd_diagnose(args) -> int:
     save(dg.plot_eta_distributions(fit), "eta.png")
     if len(fit.data.panel.covariate_names):
         save(dg.plot_eta_covariates(fit), "eta_covariates.png")
+    if fit.traces is not None and len(fit.traces):
+        save(fit.plot_traces(), "traces.png")
     res_npde = dg.npde(fit, n_rep=args.n_rep, seed=args.seed)
     save(dg.plot_npde(res_npde), "npde.png")
     tests = res_npde.tests()
@@ -178,24 +539,25 @@ def cmd_diagnose(args) -> int:
 
 def _parse_target(text: str) -> tuple[str, float | None, tuple[float, float] | None]:
     """``AUC>=400`` or ``CTROUGH in 10:20`` → (metric, threshold, window)."""
-    from nlmefit.errors import ModelSpecError
-
     t = text.replace(" ", "")
     if ">=" in t:
         m, v = t.split(">=", 1)
         try:
-            return m, float(v), None
+            val = float(v)
+            if m and math.isfinite(val):
+                return m, val, None
         except ValueError:
             pass
     elif "in" in t.lower():
         m, w = t.lower().split("in", 1)
         try:
             lo, hi = (float(x) for x in w.split(":"))
-            return m.upper(), None, (lo, hi)
+            if m and math.isfinite(lo) and math.isfinite(hi) and lo < hi:
+                return m.upper(), None, (lo, hi)
         except ValueError:
             pass
-    raise ModelSpecError(f"--target {text!r}: expected METRIC>=VALUE (e.g. AUC>=400) or METRIC in LOW:HIGH "
-                         f"(e.g. CTROUGH in 10:20)")
+    raise CliError(f"--target {text!r}: expected METRIC>=VALUE (e.g. AUC>=400) or METRIC in LOW:HIGH "
+                   f"(e.g. CTROUGH in 10:20)")
 
 
 def _simulate_regimens(args) -> int:
@@ -203,13 +565,16 @@ def _simulate_regimens(args) -> int:
 
     matplotlib.use("Agg")
     import nlmefit
-    from nlmefit.errors import ModelSpecError
     from nlmefit.simulation import plot_pta
 
     if not args.regimen:
-        raise ModelSpecError("give at least one --regimen \"...\" (e.g. \"500 mg po q12h x14\")")
+        raise CliError("give at least one --regimen \"...\" (e.g. \"500 mg po q12h x14\")")
     if (args.population is None) == (args.subjects is None):
-        raise ModelSpecError("give --population N (virtual subjects) or --subjects observed|ID,ID,...")
+        raise CliError("give --population N (virtual subjects) or --subjects observed|ID,ID,...")
+    for flag in ("model", "params", "param", "data", "col", "sep", "where", "sort", "dvid", "error"):
+        if getattr(args, flag, None):
+            raise CliError(f"--{flag} does not apply to --fit (the fit's own data and model are used)")
+    out = check_out_dir(args.out)
     fit = _load_fit(args.fit)
     subjects = None
     if args.subjects is not None:
@@ -219,41 +584,35 @@ def _simulate_regimens(args) -> int:
             ids = fit.data.panel.ids
             conv = type(ids[0].item() if hasattr(ids[0], "item") else ids[0])
             try:
-                subjects = [conv(x) for x in args.subjects.split(",")]
+                subjects = [conv(x.strip()) for x in args.subjects.split(",")]
             except ValueError:
-                raise ModelSpecError(f"--subjects {args.subjects!r}: expected 'observed' or IDs like 1,2,3") from None
+                raise CliError(f"--subjects {args.subjects!r}: expected 'observed' or IDs like 1,2,3") from None
+            known = set(ids.tolist() if hasattr(ids, "tolist") else ids)
+            missing = [s for s in subjects if s not in known]
+            if missing:
+                raise CliError(f"--subjects: ID(s) {missing} were not fitted")
+    residual = bool(args.residual)  # regimen simulation: no residual error unless --residual
     sim = nlmefit.simulate_regimens(fit, args.regimen, population=args.population, subjects=subjects,
-                                    n_draws=args.n_draws, residual=not args.no_residual,
+                                    n_draws=args.n_draws, residual=residual,
                                     steady_state=args.steady_state, threshold=args.threshold, seed=args.seed,
                                     posterior=args.posterior, weight_col=args.weight_col)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     _atomic_csv(sim.quantiles(), str(out / "profile_quantiles.csv"))
     _atomic_csv(sim.exposures, str(out / "exposures.csv"))
     _atomic_csv(sim.summary().rename_axis("REGIMEN").reset_index(), str(out / "exposure_summary.csv"))
-    sim.plot_profiles().savefig(out / "profiles.png", dpi=120)
-    metric = "AUC"
-    sim.plot_exposures(metric).savefig(out / "exposures.png", dpi=120)
+    _atomic_fig(sim.plot_profiles(), out / "profiles.png", 120)
+    _atomic_fig(sim.plot_exposures("AUC"), out / "exposures.png", 120)
     written = ["profile_quantiles.csv", "exposures.csv", "exposure_summary.csv", "profiles.png", "exposures.png"]
     if args.target:
         m, thr, win = _parse_target(args.target)
-        mics = [float(x) for x in args.mic.split(",")] if args.mic else None
-        tab = sim.pta(m, thr, mic=mics, window=win)
+        tab = sim.pta(m, thr, mic=args.mic, window=win)
         _atomic_csv(tab, str(out / "pta.csv"))
-        plot_pta(tab).savefig(out / "pta.png", dpi=120)
+        _atomic_fig(plot_pta(tab), out / "pta.png", 120)
         written += ["pta.csv", "pta.png"]
         print(tab.to_string(index=False))
     print(sim.summary().T.to_string(float_format=lambda v: f"{v:.4g}"))
-    print(f"\nwrote {', '.join(written)} to {out}")
+    print(f"\nwrote {', '.join(written)} to {out} ({'with' if residual else 'without'} residual error)")
     return 0
-
-
-def _atomic_csv(df: pd.DataFrame, path: str) -> None:
-    path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
 
 
 def cmd_fit(args) -> int:
@@ -262,22 +621,23 @@ def cmd_fit(args) -> int:
     import nlmefit
     from nlmefit.errors import ModelSpecError
 
-    df, label = _read_data(args.data)
+    out = check_out_dir(args.out)
+    _check_device(args.device)
+    df, label = _read_data(args.data, args.sep, args.where)
+    cols = _column_map(df, args.col)
     model_name = args.model or DEFAULT_MODELS.get(label)
     if model_name is None:
-        raise ModelSpecError(f"give --model for {args.data} (a library name: {', '.join(nlmefit.library.NAMES)})")
-    dvid = args.dvid if args.dvid is not None else ("cp" if label == "warfarin" else None)
-    model = _load_model(model_name, args.error, dvid)
-    init = _params_arg(args) or None
-    unit = " iter" if args.method == "saem" else " eval"
-    bar = tqdm(desc=f"{args.method} {model.name}", unit=unit, file=sys.stderr, disable=args.quiet)
-
-    def progress(n_eval: int, ofv: float) -> None:
-        bar.update(1)
-        if ofv == ofv:  # SAEM has no OFV while it runs
-            bar.set_postfix(ofv=f"{ofv:.4f}")
-
-    options = dict(progress=progress, device=args.device)
+        raise CliError(f"give --model for {args.data} (a library name: {', '.join(nlmefit.library.NAMES)})")
+    dvid = args.dvid if args.dvid is not None else ("cp" if label == "warfarin" and "DVID" not in cols else None)
+    covariates: dict = {}
+    for p, f in args.cov or []:
+        covariates.setdefault(p, []).append(f)
+    model = _load_model(model_name, args.error, dvid, covariates or None, args.omega_block)
+    panel = _panel(df, cols, args.sort)
+    init = _params_arg(args, model) or None
+    with warnings.catch_warnings():  # model/data mismatches surface here, before the fit (which warns itself)
+        warnings.simplefilter("ignore")
+        model.prepare(panel, device=args.device, check_likelihood=False)
     if args.method == "nuts":
         options = dict(device=args.device, progress=not args.quiet)
         for flag, key in (("chains", "num_chains"), ("draws", "num_samples"), ("warmup", "warmup_steps")):
@@ -285,117 +645,253 @@ def cmd_fit(args) -> int:
                 options[key] = getattr(args, flag)
     elif any(getattr(args, f) is not None for f in ("chains", "draws", "warmup")):
         raise ModelSpecError("--chains, --draws and --warmup apply to --method nuts")
+    else:
+        options = dict(device=args.device)
+    if args.maxiter is not None:
+        if args.method not in CLASSICAL:
+            raise ModelSpecError(f"--maxiter applies to --method {'/'.join(CLASSICAL)} (not {args.method})")
+        options["maxiter"] = args.maxiter
     if args.no_cov:
         options["covariance"] = None
+    if getattr(args, "threads", None) is not None and args.method != "nuts":
+        options["threads"] = args.threads  # the estimator's thread policy would otherwise choose for itself
     if args.n_nodes is not None:
         if args.method != "agq" and args.loglik != "agq":
             raise ModelSpecError("--n-nodes applies to --method agq or --loglik agq")
         if args.method == "agq":
             options["n_nodes"] = args.n_nodes
+    if args.n_samples is not None and args.loglik != "is" and args.method != "saem":
+        raise ModelSpecError("--n-samples applies to --loglik is or --method saem")
     lik_opts = {"n_samples": args.n_samples} if args.loglik == "is" else {}
     if args.loglik == "agq" and args.n_nodes is not None:
         lik_opts["n_nodes"] = args.n_nodes
     if args.method == "saem" and args.n_samples is not None:
         options["n_samples"] = args.n_samples
     lik_opts = {k: v for k, v in lik_opts.items() if v is not None}
+    bar = None
+    if args.method != "nuts":
+        bar = tqdm(desc=f"{args.method} {model.name}", unit=" iter" if args.method == "saem" else " eval",
+                   file=sys.stderr, disable=args.quiet)
+
+        def progress(n_eval: int, ofv: float) -> None:
+            bar.update(1)
+            if ofv == ofv:  # SAEM has no OFV while it runs
+                bar.set_postfix(ofv=f"{ofv:.4f}")
+
+        options["progress"] = progress
     try:
-        result = nlmefit.fit(model, df, method=args.method, init=init, seed=args.seed,
+        result = nlmefit.fit(model, panel, method=args.method, init=init, seed=args.seed,
                              compute_loglik=args.loglik, loglik_options=lik_opts, **options)
     finally:
-        bar.close()
-    out = Path(args.out)
+        if bar is not None:
+            bar.close()
     out.mkdir(parents=True, exist_ok=True)
     data_spec = str(Path(args.data).resolve()) if os.path.exists(args.data) else args.data
-    result = result.replace(source={"data": data_spec, "model": model_name, "error": args.error, "dvid": dvid})
+    source = {"data": data_spec, "model": model_name, "error": args.error, "dvid": dvid}
+    for key, val in (("sep", args.sep), ("where", args.where), ("columns", cols), ("sort", args.sort),
+                     ("covariates", covariates), ("omega_blocks", [list(b) for b in args.omega_block or []])):
+        if val:
+            source[key] = val
+    result = result.replace(source=source)
     result.to_json(out / "result.json")
     _atomic_csv(result.summary().rename_axis("parameter").reset_index(), str(out / "summary.csv"))
     _atomic_csv(result.predictions, str(out / "predictions.csv"))
     _atomic_csv(result.individual_estimates, str(out / "individual_estimates.csv"))
+    notes = _retire_old_outputs(out, result)
     print(result.summary_text())
     for meth, val in result.likelihoods.items():
         extra = f" (Monte-Carlo SE {val['se']:.3f}, {val['n_samples']} samples)" if meth == "is" else ""
         print(f"  -2LL by {meth}: OFV {val['ofv']:.4f}{extra}")
     print(f"\nwrote {out / 'result.json'}, summary.csv, predictions.csv, individual_estimates.csv")
+    for n in notes:
+        print(n)
     return 0 if result.converged else 1
 
 
+# ---------------------------------------------------------------------- parser
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line: ``nlmefit fit: error: argument --n-nodes: expected a positive integer, got '0'``."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _data_options(p: argparse.ArgumentParser, sort_help: str) -> None:
+    p.add_argument("--col", action="append", type=column_pair, metavar="NAME=COLUMN",
+                   help="map a NONMEM column to the data's column, e.g. --col DV=CONC --col ID=Subject (repeatable)")
+    p.add_argument("--sep", type=separator, default=None,
+                   help="CSV field separator: one character, or tab/comma/semicolon/space/whitespace/pipe "
+                        "(default: tab for .tsv/.txt, else comma)")
+    p.add_argument("--where", type=nonempty, default=None, metavar="CONDITION",
+                   help='keep only the records meeting CONDITION (pandas DataFrame.query), e.g. "DOSE > 0"; '
+                        "NONMEM's IGNORE/ACCEPT")
+    p.add_argument("--sort", action="store_true", help=sort_help)
+
+
+def _threads_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                   help="CPU threads for torch (torch.set_num_threads)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="nlmefit", description="Nonlinear mixed-effects modelling from NONMEM-style data")
-    sub = ap.add_subparsers(dest="command", required=True)
+    ap = _Parser(prog="nlmefit", description="Nonlinear mixed-effects modelling from NONMEM-style data "
+                                             "(reference: docs/cli.md)")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{validate,fit,diagnose,simulate}")
     v = sub.add_parser("validate", help="check a dataset and print its summary")
     v.add_argument("data", help="CSV file or shipped dataset name")
-    v.add_argument("--sort", action="store_true", help="sort records by ID and TIME instead of rejecting disorder")
+    _data_options(v, "sort records by ID and TIME instead of rejecting disorder")
+    v.add_argument("--no-dv", action="store_true", help="DV may be missing (a simulation template)")
     v.set_defaults(func=cmd_validate)
 
     s = sub.add_parser("simulate", help="simulate replicates of a dataset, or regimens from a fit (--fit)")
     s.add_argument("data", nargs="?", help="CSV file (records; DV may be empty) or shipped dataset name")
-    s.add_argument("--model", default=None, help="library name or path/file.py:object")
-    s.add_argument("--error", default=None, help="error model for a library model (default additive)")
+    s.add_argument("--model", default=None, help="library name, example, or path/file.py:object")
+    s.add_argument("--error", type=error_name, default=None,
+                   help="error model for a library model (default additive; aliases add, prop, combined ...)")
+    s.add_argument("--dvid", default=None, help="the DVID value the model describes")
     s.add_argument("--params", help="JSON file {name: value} (names as in result.json estimates)")
-    s.add_argument("--param", action="append", metavar="NAME=VALUE", help="one parameter value (repeatable)")
-    s.add_argument("-n", type=int, default=1, help="number of replicates")
-    s.add_argument("--seed", type=int, default=None)
-    s.add_argument("--no-residual", action="store_true", help="simulate without residual error")
-    s.add_argument("--out", required=True, help="output CSV (replicates) or folder (--fit)")
+    s.add_argument("--param", action="append", type=name_value, metavar="NAME=VALUE",
+                   help="one parameter value (repeatable)")
+    _data_options(s, "sort records by ID and TIME")
+    s.add_argument("-n", type=positive_int, default=1, help="number of replicates")
+    s.add_argument("--seed", type=seed_int, default=None)
+    s.add_argument("--residual", dest="residual", action="store_const", const=True, default=None,
+                   help="add residual error (default: yes for replicates, no for --fit regimens)")
+    s.add_argument("--no-residual", dest="residual", action="store_const", const=False,
+                   help="no residual error")
+    s.add_argument("--out", required=True, type=nonempty, help="output CSV (replicates) or folder (--fit)")
     s.add_argument("--fit", default=None, metavar="RESULT_DIR", help="simulate regimens from this fit")
-    s.add_argument("--regimen", action="append", help='a regimen, e.g. "1000 mg loading then 500 mg q12h x14, '
-                   'infusion 1h" (repeatable; grammar: docs/regimens.md)')
-    s.add_argument("--population", type=int, default=None, help="number of virtual subjects")
-    s.add_argument("--subjects", default=None, help="'observed' or comma-separated IDs of fitted subjects")
-    s.add_argument("--n-draws", type=int, default=100, help="posterior draws per observed subject")
+    s.add_argument("--regimen", action="append", type=regimen_text,
+                   help='a regimen, e.g. "1000 mg loading then 500 mg q12h x14, infusion 1h" (repeatable; '
+                        'grammar: docs/regimens.md)')
+    s.add_argument("--population", type=positive_int, default=None, help="number of virtual subjects")
+    s.add_argument("--subjects", type=subjects_arg, default=None,
+                   help="'observed' or comma-separated IDs of fitted subjects")
+    s.add_argument("--n-draws", type=positive_int, default=100, help="posterior draws per observed subject")
     s.add_argument("--posterior", default="laplace", choices=["laplace", "is", "draws"])
     s.add_argument("--steady-state", action="store_true", help="maintenance phase at steady state (SS=1)")
-    s.add_argument("--threshold", type=float, default=None, help="concentration for time/%%fT above it")
-    s.add_argument("--target", default=None, help="PTA target: AUC>=400 or 'CTROUGH in 10:20'")
-    s.add_argument("--mic", default=None, help="comma-separated MICs: PTA of METRIC/MIC >= VALUE")
-    s.add_argument("--weight-col", default="WT", help="weight covariate for mg/kg regimens")
+    s.add_argument("--threshold", type=positive_float, default=None, help="concentration for time/%%fT above it")
+    s.add_argument("--target", type=target_text, default=None, help="PTA target: AUC>=400 or 'CTROUGH in 10:20'")
+    s.add_argument("--mic", type=mic_list, default=None, help="comma-separated MICs: PTA of METRIC/MIC >= VALUE")
+    s.add_argument("--weight-col", type=nonempty, default="WT", help="weight covariate for mg/kg regimens")
+    _threads_option(s)
     s.set_defaults(func=cmd_simulate)
 
-    d = sub.add_parser("diagnose", help="GOF, individual, eta, NPDE and VPC figures and tables of a fit")
+    d = sub.add_parser("diagnose", help="GOF, individual, eta, NPDE, VPC (and trace) figures and tables of a fit")
     d.add_argument("result", metavar="RESULT_DIR", help="folder written by `nlmefit fit --out`")
-    d.add_argument("--out", default=None, help="output folder (default RESULT_DIR/diagnostics)")
-    d.add_argument("--n-rep", type=int, default=500, help="simulated replicates for NPDE and VPC")
-    d.add_argument("--per-page", type=int, default=12, help="subjects per individual-fit page")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--out", type=nonempty, default=None, help="output folder (default RESULT_DIR/diagnostics)")
+    d.add_argument("--n-rep", type=positive_int, default=500, help="simulated replicates for NPDE and VPC")
+    d.add_argument("--per-page", type=positive_int, default=12, help="subjects per individual-fit page")
+    d.add_argument("--seed", type=seed_int, default=0)
+    _threads_option(d)
     d.set_defaults(func=cmd_diagnose)
 
     f = sub.add_parser("fit", help="estimate a model")
     f.add_argument("data", help="CSV file or shipped dataset name")
-    f.add_argument("--model", default=None, help="library name or path/file.py:object")
-    f.add_argument("--error", default=None,
-                   choices=["additive", "proportional", "combined1", "combined2", "exponential"])
-    f.add_argument("--method", default="focei", choices=["fo", "foce", "focei", "laplace", "agq", "saem", "nuts"])
-    f.add_argument("--chains", type=int, default=None, help="NUTS chains (default 4)")
-    f.add_argument("--draws", type=int, default=None, help="NUTS draws per chain after warm-up (default 1000)")
-    f.add_argument("--warmup", type=int, default=None, help="NUTS warm-up steps per chain (default 1000)")
+    f.add_argument("--model", default=None, help="library name, example, or path/file.py:object")
+    f.add_argument("--error", type=error_name, default=None,
+                   help="additive, proportional, combined1, combined2, exponential (or add, prop, combined, "
+                        "exp, log ...)")
+    f.add_argument("--cov", action="append", type=cov_formula, metavar='"PARAM ~ FORMULA"',
+                   help='covariate formula, e.g. "cl ~ log(WT/70)" (repeatable; library models)')
+    f.add_argument("--omega-block", action="append", type=omega_block, metavar="P1,P2,...",
+                   help="a block of correlated random effects, e.g. cl,v (repeatable; library models)")
+    f.add_argument("--method", default="focei", choices=list(METHODS))
+    f.add_argument("--maxiter", type=nonneg_int, default=None,
+                   help="maximum optimiser iterations (classical methods; 0 evaluates at the initial values)")
+    f.add_argument("--chains", type=positive_int, default=None, help="NUTS chains (default 4)")
+    f.add_argument("--draws", type=positive_int, default=None, help="NUTS draws per chain after warm-up (default 1000)")
+    f.add_argument("--warmup", type=positive_int, default=None, help="NUTS warm-up steps per chain (default 1000)")
     f.add_argument("--loglik", default=None, choices=["is", "agq"],
                    help="add a marginal -2LL evaluation at the estimates (importance sampling or quadrature)")
-    f.add_argument("--n-samples", type=int, default=None, help="importance samples per subject (default 2000)")
-    f.add_argument("--n-nodes", type=int, default=None, help="quadrature nodes per dimension of eta (agq)")
+    f.add_argument("--n-samples", type=positive_int, default=None,
+                   help="importance samples per subject (default 2000)")
+    f.add_argument("--n-nodes", type=positive_int, default=None, help="quadrature nodes per dimension of eta (agq)")
     f.add_argument("--dvid", default=None, help="the DVID value holding the model's observations (warfarin: cp)")
     f.add_argument("--params", help="JSON file of initial values {name: value}")
-    f.add_argument("--param", action="append", metavar="NAME=VALUE", help="one initial value (repeatable)")
-    f.add_argument("--out", default="nlmefit-out", help="output folder")
-    f.add_argument("--seed", type=int, default=None)
-    f.add_argument("--device", default=None, help="cpu or cuda")
+    f.add_argument("--param", action="append", type=name_value, metavar="NAME=VALUE",
+                   help="one initial value (repeatable)")
+    _data_options(f, "sort records by ID and TIME instead of rejecting disorder")
+    f.add_argument("--out", type=nonempty, default="nlmefit-out", help="output folder")
+    f.add_argument("--seed", type=seed_int, default=None)
+    f.add_argument("--device", type=device_name, default=None, help="cpu or cuda")
     f.add_argument("--no-cov", action="store_true", help="skip the covariance step")
     f.add_argument("--quiet", action="store_true", help="no progress bar")
+    _threads_option(f)
     f.set_defaults(func=cmd_fit)
     return ap
 
 
+# ---------------------------------------------------------------------- errors as one line
+_HINTS = [  # Python-API hints in library messages → the CLI flag that does the same
+    (re.compile(r"; pass require_dv=False for a simulation template"), ""),
+    (re.compile(r"e\.g\. (\w+)='\.\.\.'"), lambda m: f"e.g. --col {m.group(1).upper()}=COLUMN"),
+    (re.compile(r"pass (\w+)=\.\.\. to say which one to use"),
+     lambda m: f"pass --col {m.group(1).upper()}=COLUMN to say which one to use"),
+    (re.compile(r"pass sort=True"), "pass --sort"),
+    (re.compile(r"sort=True to sort"), "--sort to sort"),
+    (re.compile(r"Model\(\.\.\., dvid=\.\.\.\)"), "--dvid VALUE"),
+    (re.compile(r"use params=\.\.\. for custom parameter models"),
+     "use --model file.py:object for custom parameter models"),
+    (re.compile(r"pass weight_col="), "pass --weight-col"),
+    (re.compile(r"^subjects=\.\.\."), "--subjects"),
+    (re.compile(r"^column map: "), "--col: "),
+    (re.compile(r"^covariate formula for"), "--cov: covariate formula for"),
+]
+
+
+def cli_message(e: BaseException) -> str:
+    """One line: the error's first line with API hints rewritten as CLI flags."""
+    text = str(e).strip() or type(e).__name__
+    text = " ".join(line.strip() for line in text.splitlines() if line.strip())
+    for pat, rep in _HINTS:
+        text = pat.sub(rep, text)
+    return text
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> str:
+    return f"nlmefit: warning: {' '.join(str(message).split())}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     from nlmefit.errors import DataError, EstimationError, ModelSpecError
+    from nlmefit.results.schema import ResultSchemaError
 
-    args = build_parser().parse_args(argv)
+    command = "nlmefit"
+    old_format = warnings.formatwarning
+    warnings.formatwarning = _one_line_warning
     try:
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as e:  # usage errors (one line, exit 2) and --help (exit 0)
+            return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+        command = f"nlmefit {args.command}"
+        if getattr(args, "threads", None):
+            import torch
+
+            torch.set_num_threads(args.threads)
         return int(args.func(args))
-    except (DataError, ModelSpecError) as e:
-        print(f"nlmefit {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"{command}: interrupted (Ctrl-C); files written before were left intact (each is written "
+              f"atomically), nothing half-written", file=sys.stderr)
+        return 130
+    except (DataError, ModelSpecError, CliError, ResultSchemaError) as e:
+        print(f"{command}: error: {cli_message(e)}", file=sys.stderr)
         return 2
     except EstimationError as e:
-        print(f"nlmefit {args.command}: estimation failed: {e}", file=sys.stderr)
+        print(f"{command}: estimation failed: {cli_message(e)}", file=sys.stderr)
         return 1
+    except OSError as e:
+        print(f"{command}: error: {cli_message(e)}", file=sys.stderr)
+        return 2
+    except Exception as e:  # anything else: one line, unless NLMEFIT_DEBUG asks for the traceback
+        if os.environ.get("NLMEFIT_DEBUG"):
+            raise
+        print(f"{command}: unexpected error: {type(e).__name__}: {cli_message(e)} (set NLMEFIT_DEBUG=1 for "
+              f"the traceback)", file=sys.stderr)
+        return 1
+    finally:
+        warnings.formatwarning = old_format
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -48,6 +48,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from nlmefit.diagnostics.gof import log_axis
 from nlmefit.diagnostics.replicates import _simulate, fit_parts, observation_lloq
 
 __all__ = ["VpcResult", "vpc", "vpc_bins", "plot_vpc"]
@@ -409,8 +410,6 @@ def plot_vpc(result: VpcResult, ax=None, log_y: bool = False, show_points: bool 
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
-
-    from nlmefit.diagnostics.gof import log_axis
 
     strata = list(result.edges)
     blq = result.blq

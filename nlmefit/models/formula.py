@@ -1,6 +1,7 @@
 """Covariate formulas: ``{"cl": "log(WT/70) + SEX"}`` → log-linear covariate effects on a parameter.
 
-Each term is an arithmetic expression in covariate names, numbers and the functions ``log, exp, sqrt, abs``.
+Each term is an arithmetic expression in covariate names (matched to data columns exactly, else
+case-insensitively, as the NONMEM columns are), numbers and the functions ``log, exp, sqrt, abs``.
 It is parsed with :mod:`ast` and evaluated with a whitelist — never with ``eval`` — so a formula read from a
 command line or a file cannot run code. The leading ``1 +`` of a lifelines-style formula is optional.
 """
@@ -54,10 +55,7 @@ def _eval(node: ast.AST, cov: Mapping[str, torch.Tensor], expr: str):
     if isinstance(node, ast.Constant):
         return float(node.value)
     if isinstance(node, ast.Name):
-        if node.id not in cov:
-            raise ModelSpecError(f"covariate formula {expr!r} uses {node.id!r}, which is not a data column "
-                                 f"(covariates: {sorted(cov)})")
-        return cov[node.id]
+        return cov[_lookup(node.id, cov, expr)]
     if isinstance(node, ast.UnaryOp):
         v = _eval(node.operand, cov, expr)
         return -v if isinstance(node.op, ast.USub) else v
@@ -71,6 +69,20 @@ def _eval(node: ast.AST, cov: Mapping[str, torch.Tensor], expr: str):
         arg = _eval(node.args[0], cov, expr)
         return _FUNCS[node.func.id](torch.as_tensor(arg))
     raise ModelSpecError(f"covariate formula {expr!r}: cannot evaluate {ast.dump(node)}")
+
+
+def _lookup(name: str, cov: Mapping[str, torch.Tensor], expr: str) -> str:
+    """The covariate column ``name`` refers to: exact, else case-insensitive (as data columns are matched)."""
+    if name in cov:
+        return name
+    found = [c for c in cov if str(c).strip().lower() == name.lower()]
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise ModelSpecError(f"covariate formula {expr!r} uses {name!r}, which matches several data columns "
+                             f"case-insensitively ({sorted(found)}); spell it exactly")
+    raise ModelSpecError(f"covariate formula {expr!r} uses {name!r}, which is not a data column "
+                         f"(covariates: {sorted(cov)})")
 
 
 def _split_terms(node: ast.AST) -> list[ast.AST]:

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from nlmefit.errors import ModelSpecError
 from nlmefit.models.model import Model
 from nlmefit.models.parameters import Omega, Param
+from nlmefit.models.spec import attach_library_spec
 from nlmefit.models.structure import ClosedForm, OdeStructure, Structure
 from nlmefit.pk.ode_models import michaelis_menten
 
@@ -51,4 +52,6 @@ def get(
     if theta:
         th.update(theta)
     om = omega if omega is not None else {p: 0.1 for p in st.param_names}
-    return Model(st, th, om, sigma, error=error, name=name, **kwargs)
+    model = Model(st, th, om, sigma, error=error, name=name, **kwargs)
+    attach_library_spec(model, name, error, theta, omega, sigma, kwargs)  # FitResult.from_json rebuilds it
+    return model
