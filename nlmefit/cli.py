@@ -533,6 +533,22 @@ def cmd_diagnose(args) -> int:
               f"{100 * v.coverage():.0f}% of bins")
     print("NPDE tests:")
     print(tests.to_string(float_format=lambda x: f"{x:.4g}"))
+    if args.decomposition:
+        dec = dg.decomposition(fit, seed=args.seed)
+        _atomic_csv(dec.table, str(out / "decomposition.csv"))
+        save(dg.plot_q_kl(dec), "q_kl.png")
+        save(dg.plot_aggregate_posterior(dec), "aggregate_posterior.png")
+        written.append("decomposition.csv")
+        agg = dec.aggregate
+        print(f"decomposition: mean KL_i {agg['mean_kl']:.4f}, aggregate KL {agg['aggregate_kl']:.4f} "
+              f"(MC SE {agg['aggregate_kl_se']:.4f}), mutual information {agg['mutual_information']:.4f}")
+    if args.one_step_ahead:
+        osa = dg.one_step_ahead(fit, method=args.osa_method, seed=args.seed)
+        _atomic_csv(osa.table, str(out / "one_step_ahead.csv"))
+        _atomic_csv(osa.per_subject, str(out / "one_step_ahead_subjects.csv"))
+        save(dg.plot_one_step(osa), "one_step_ahead.png")
+        written += ["one_step_ahead.csv", "one_step_ahead_subjects.csv"]
+        print(f"one-step-ahead log-likelihood ({args.osa_method}): {osa.total:.4f} ± {osa.total_se:.4f}")
     print(f"\nwrote {len(written)} files to {out}: {', '.join(written)}")
     return 0
 
@@ -783,6 +799,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--n-rep", type=positive_int, default=500, help="simulated replicates for NPDE and VPC")
     d.add_argument("--per-page", type=positive_int, default=12, help="subjects per individual-fit page")
     d.add_argument("--seed", type=seed_int, default=0)
+    d.add_argument("--decomposition", action="store_true",
+                   help="per-subject Q/KL/ELBO/log p/gap table and figures (docs/decomposition.md)")
+    d.add_argument("--one-step-ahead", action="store_true",
+                   help="one-step-ahead predictive log-likelihood per observation, subject and in total")
+    d.add_argument("--osa-method", choices=["is", "agq"], default="is",
+                   help="one-step-ahead by importance sampling (default) or adaptive quadrature (dim eta <= 3)")
     _threads_option(d)
     d.set_defaults(func=cmd_diagnose)
 

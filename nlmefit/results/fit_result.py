@@ -289,6 +289,16 @@ class FitResult:
         """(pc)VPC by simulation from this fit (see :func:`nlmefit.diagnostics.vpc`)."""
         return dg.vpc(self, **kwargs)
 
+    def decomposition(self, posterior=None, **kwargs):
+        """Per-subject Q_i, KL_i, ELBO_i, log p(y_i), gap_i and the aggregate-posterior check, with this fit's
+        posterior unless ``posterior`` is given (see :func:`nlmefit.diagnostics.decomposition`)."""
+        return dg.decomposition(self, posterior=posterior, **kwargs)
+
+    def one_step_ahead(self, **kwargs):
+        """log p(y_j | y_<j, doses) per observation, per subject and in total (see
+        :func:`nlmefit.diagnostics.one_step_ahead`)."""
+        return dg.one_step_ahead(self, **kwargs)
+
     # ------------------------------------------------------------------ prediction
     def predict(self, new_data, individual: bool = False) -> pd.DataFrame:
         """Population predictions (PRED) for a DataFrame/Panel in the model's record layout; with
