@@ -202,4 +202,23 @@ tab"""),
                                 n_draws=100 if SMALL else 1000, posterior="is", seed=2, steady_state=True)
 fig = own.plot_profiles()
 own.summary()[["AUC_q5", "AUC_q50", "AUC_q95"]]"""),
+("markdown", """## Individual fit against population plausibility: the Q/KL decomposition
+
+For every subject, log p(y_i | θ) = Q_i − KL_i + gap_i: Q_i is how well the subject's posterior explains its
+data, KL_i how far that posterior had to move from the population prior, and gap_i what the posterior family
+(here the Laplace approximation) misses. The aggregate check compares the average posterior with the prior:
+a large aggregate KL means simulations from the prior will not look like these subjects (docs/decomposition.md)."""),
+("code", """dec = theo.decomposition(n_samples=300 if SMALL else 3000, seed=1)
+print(dec.aggregate)
+fig = dec.plot()
+dec.table.sort_values("kl", ascending=False).head()"""),
+("markdown", """## Predicting the next observation
+
+log p(y_j | y_<j): the prior predictive for a subject's first observation, then the posterior given the ones
+before. By the chain rule the terms of a subject sum to its log p(y_i | θ); a falling score over time points at
+a structural misfit late in the profile."""),
+("code", """osa = theo.one_step_ahead(method="agq", n_nodes=3 if SMALL else 7)
+print(f"total {osa.total:.3f}")
+fig = osa.plot()
+osa.per_subject.head()"""),
 ], HERE / "04_diagnostics_and_regimens.ipynb")
