@@ -4,14 +4,18 @@ counterfactual simulation, the Q/KL decomposition and one-step-ahead scores take
 
 * :class:`GaussianPosterior` — N(m_i, L_i L_iᵀ); the Laplace approximation is one (mode, Cholesky of H⁻¹);
 * :class:`StudentTPosterior` — multivariate t around the same location and scale (heavier tails);
-* :class:`EmpiricalPosterior` — MCMC draws (SAEM, NUTS): resampling; moment-matched Gaussian/t for densities.
+* :class:`EmpiricalPosterior` — MCMC draws (SAEM, NUTS): resampling; moment-matched Gaussian/t for densities;
+* :class:`FlowFamily` — per-subject variational parameters (Gaussian, MAF, NSF on zuko) whose ``forward(index)``
+  is a :class:`GaussianPosterior` or :class:`FlowPosterior` q_i(η) = law of m_i + L_i g(ξ; c_i), ξ ~ N(0, I).
 
 Building a Laplace posterior needs the conditional modes, which is marginal-likelihood machinery:
-:func:`nlmefit.marginal.laplace_posterior`. This package depends on torch and pyro only.
+:func:`nlmefit.marginal.laplace_posterior`. This package depends on torch, pyro and zuko only.
 """
 from nlmefit.posteriors.empirical import EmpiricalPosterior
+from nlmefit.posteriors.flows import FlowFamily, FlowPosterior, kl_to_prior
 from nlmefit.posteriors.gaussian import GaussianPosterior
 from nlmefit.posteriors.rng import seeded
 from nlmefit.posteriors.student_t import StudentTPosterior
 
-__all__ = ["GaussianPosterior", "StudentTPosterior", "EmpiricalPosterior", "seeded"]
+__all__ = ["GaussianPosterior", "StudentTPosterior", "EmpiricalPosterior", "FlowFamily", "FlowPosterior", "kl_to_prior",
+           "seeded"]
