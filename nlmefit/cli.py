@@ -29,7 +29,7 @@ DEFAULT_MODELS = {"theophylline": "1cmt_oral", "pheno": "pheno_real", "warfarin"
                   "wang2007": "wang2007",
                   "oral_1cpt": "1cmt_oral", "bolus_2cpt": "2cmt_iv", "infusion_1cpt": "1cmt_iv"}
 CLASSICAL = ("fo", "foce", "focei", "laplace", "agq")
-METHODS = CLASSICAL + ("saem", "nuts")
+METHODS = CLASSICAL + ("saem", "nuts", "vem")
 
 
 class CliError(Exception):
@@ -661,8 +661,24 @@ def cmd_fit(args) -> int:
                 options[key] = getattr(args, flag)
     elif any(getattr(args, f) is not None for f in ("chains", "draws", "warmup")):
         raise ModelSpecError("--chains, --draws and --warmup apply to --method nuts")
+    elif args.method == "vem":
+        options = dict(device=args.device, progress=not args.quiet)
+        for flag, key in (("posterior", "posterior"), ("max_steps", "max_steps"), ("batch_size", "batch_size"),
+                          ("checkpoint", "checkpoint")):
+            if getattr(args, flag) is not None:
+                options[key] = getattr(args, flag)
+        if args.stl:
+            options["stl"] = True
+        if args.resume:
+            if args.checkpoint is None:
+                raise ModelSpecError("--resume needs --checkpoint PATH")
+            options["resume"] = True
     else:
         options = dict(device=args.device)
+    if args.method != "vem" and (args.posterior is not None or args.max_steps is not None or args.batch_size is
+                                 not None or args.stl or args.checkpoint is not None or args.resume):
+        raise ModelSpecError("--posterior, --max-steps, --batch-size, --stl, --checkpoint and --resume apply to "
+                             "--method vem")
     if args.maxiter is not None:
         if args.method not in CLASSICAL:
             raise ModelSpecError(f"--maxiter applies to --method {'/'.join(CLASSICAL)} (not {args.method})")
@@ -685,7 +701,7 @@ def cmd_fit(args) -> int:
         options["n_samples"] = args.n_samples
     lik_opts = {k: v for k, v in lik_opts.items() if v is not None}
     bar = None
-    if args.method != "nuts":
+    if args.method not in ("nuts", "vem"):  # those two show their own progress bar
         bar = tqdm(desc=f"{args.method} {model.name}", unit=" iter" if args.method == "saem" else " eval",
                    file=sys.stderr, disable=args.quiet)
 
@@ -716,6 +732,10 @@ def cmd_fit(args) -> int:
     notes = _retire_old_outputs(out, result)
     print(result.summary_text())
     for meth, val in result.likelihoods.items():
+        if "ofv" not in val:  # a bound (the VEM ELBO), not an OFV
+            if "m2elbo" in val:
+                print(f"  -2*ELBO {val['m2elbo']:.4f} (a bound on -2LL with every constant; not an OFV)")
+            continue
         extra = f" (Monte-Carlo SE {val['se']:.3f}, {val['n_samples']} samples)" if meth == "is" else ""
         print(f"  -2LL by {meth}: OFV {val['ofv']:.4f}{extra}")
     print(f"\nwrote {out / 'result.json'}, summary.csv, predictions.csv, individual_estimates.csv")
@@ -824,6 +844,13 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--chains", type=positive_int, default=None, help="NUTS chains (default 4)")
     f.add_argument("--draws", type=positive_int, default=None, help="NUTS draws per chain after warm-up (default 1000)")
     f.add_argument("--warmup", type=positive_int, default=None, help="NUTS warm-up steps per chain (default 1000)")
+    f.add_argument("--posterior", choices=["gaussian", "maf", "nsf"], default=None,
+                   help="VEM posterior family (default gaussian; maf/nsf: normalizing flows)")
+    f.add_argument("--max-steps", type=positive_int, default=None, help="VEM: most gradient steps (default 2000)")
+    f.add_argument("--batch-size", type=positive_int, default=None, help="VEM: subjects per mini-batch (all)")
+    f.add_argument("--stl", action="store_true", help="VEM: sticking-the-landing gradient estimator")
+    f.add_argument("--checkpoint", type=nonempty, default=None, metavar="PATH", help="VEM: checkpoint file (.pt)")
+    f.add_argument("--resume", action="store_true", help="VEM: continue from --checkpoint")
     f.add_argument("--loglik", default=None, choices=["is", "agq"],
                    help="add a marginal -2LL evaluation at the estimates (importance sampling or quadrature)")
     f.add_argument("--n-samples", type=positive_int, default=None,

@@ -150,18 +150,21 @@ FITS = {
     "agq": dict(n_nodes=3, maxiter=2),
     "saem": dict(n_explore=30, n_smooth=30, n_samples=200),
     "nuts": dict(num_chains=1, num_samples=40, warmup_steps=40),
+    "vem": dict(max_steps=150, n_elbo=200, n_is=300),
+    "vem-maf": dict(posterior="maf", max_steps=100, n_elbo=200, n_is=300),
 }
 
 
-@pytest.mark.parametrize("method", ["focei", "laplace", "agq", "saem",
+@pytest.mark.filterwarnings("ignore:.*max_steps")
+@pytest.mark.parametrize("method", ["focei", "laplace", "agq", "saem", "vem", "vem-maf",
                                     pytest.param("nuts", marks=pytest.mark.slow)])  # NUTS alone takes 15–25 s
 def test_decomposition_runs_for_every_estimator(method, theo):
     df = nlmefit.datasets.load("theophylline")
     if method == "focei":
         fit = theo
     else:
-        fit = nlmefit.fit(theo.model, df, method=method, covariance=None, init=theo.estimates.to_dict(), seed=1,
-                          **FITS[method])
+        fit = nlmefit.fit(theo.model, df, method=method.split("-")[0], covariance=None,
+                          init=theo.estimates.to_dict(), seed=1, **FITS[method])
     d = decomposition(fit, n_samples=300)
     t = d.table
     assert len(t) == df["ID"].nunique() and np.isfinite(t[COLUMNS[1:]].to_numpy()).all()
@@ -169,6 +172,12 @@ def test_decomposition_runs_for_every_estimator(method, theo):
     if method in ("saem", "nuts"):
         assert d.kl_method.startswith("moment-matched Gaussian")
         assert "draws" in d.q_method
+    elif method == "vem":  # the fitted Gaussian family: closed-form KL, a proper bound
+        assert d.kl_method == "closed form" and d.posterior_kind == "gaussian"
+        assert (t["gap"] >= -3 * t["gap_se"]).all()
+    elif method == "vem-maf":  # a flow: Monte-Carlo KL with its SE
+        assert d.posterior_kind == "maf" and (t["kl_se"] > 0).all()
+        assert (t["gap"] >= -3 * t["gap_se"] - 1e-9).all()
     else:
         assert d.kl_method == "closed form" and d.posterior_kind == "laplace"
         assert (t["gap"] >= -3 * t["gap_se"]).all()

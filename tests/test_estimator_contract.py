@@ -18,6 +18,7 @@ FAST = {
     "agq": dict(n_nodes=2),
     "saem": dict(n_explore=30, n_smooth=30, n_samples=200),
     "nuts": dict(num_chains=1, num_samples=40, warmup_steps=40),
+    "vem": dict(max_steps=100, n_elbo=100, n_is=500),
 }
 
 

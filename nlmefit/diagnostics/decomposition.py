@@ -179,7 +179,10 @@ def _proposal(model: LatentModel, p: Params, data: ObservationData, proposal: st
               density: Distribution) -> Distribution:
     if isinstance(proposal, Distribution):
         return proposal
-    mean = density.mean.detach().to(data.dtype)
+    try:
+        mean = density.mean.detach().to(data.dtype)
+    except NotImplementedError:  # flows have no closed-form mean: a start for the mode search is enough
+        mean = density.sample((256,)).mean(0).detach().to(data.dtype)
     if proposal == "t":
         return laplace_posterior(model, p, data, eta0=mean, df=df)
     if proposal == "laplace":

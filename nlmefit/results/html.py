@@ -17,6 +17,10 @@ def fit_result_html(fit) -> str:
         f"{html.escape(fit.covariance_message or 'not run')}",
     ]
     for meth, val in fit.likelihoods.items():
+        if "ofv" not in val:  # a bound (the VEM ELBO), not an OFV
+            if "m2elbo" in val:
+                rows.append(f"−2·ELBO {val['m2elbo']:.4f} (a bound on −2LL, full constants)")
+            continue
         se = f" ± {val['se']:.3f} (MC SE)" if val.get("se") else ""
         rows.append(f"−2LL by {html.escape(meth)}: OFV {val['ofv']:.4f}{se}")
     table = fit.summary().to_html(float_format=lambda v: f"{v:.4g}", na_rep="", border=0)
