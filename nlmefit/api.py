@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from nlmefit.estimators import get_estimator
 from nlmefit.likelihood import loglik
+from nlmefit.results.units import data_units
 
 __all__ = ["fit"]
 
@@ -20,6 +21,9 @@ def fit(model, data, method: str = "focei", init=None, seed: int | None = None,
     ``ofv`` is unchanged (except SAEM's, which is always an IS or AGQ value).
     """
     result = get_estimator(method, **options).fit(model, data, init=init, seed=seed)
+    units = data_units(data)  # df.attrs["units"]: the data's declared column units, shown in the summary
+    if units:
+        result = result.replace(source={**result.source, "units": units})
     if compute_loglik is not None:
         opts = dict(loglik_options or {})
         if seed is not None:

@@ -95,6 +95,16 @@ def name_value(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"{text!r}: the value of {k} must be a finite number, got {v!r}") from None
 
 
+def unit_pair(text: str) -> tuple[str, str]:
+    """``COLUMN=unit`` (``TIME=h``, ``DV=mg/L``)."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected COLUMN=UNIT (e.g. TIME=h or DV=mg/L), got {text!r}")
+    k, v = (s.strip() for s in text.split("=", 1))
+    if not k or not v:
+        raise argparse.ArgumentTypeError(f"{text!r}: both a column and a unit are needed (e.g. AMT=mg)")
+    return k.upper(), v
+
+
 def column_pair(text: str) -> tuple[str, str]:
     """``CANONICAL=column`` (``DV=CONC``)."""
     from nlmefit.panel.columns import CANONICAL
@@ -720,7 +730,8 @@ def cmd_fit(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     data_spec = str(Path(args.data).resolve()) if os.path.exists(args.data) else args.data
     source = {"data": data_spec, "model": model_name, "error": args.error, "dvid": dvid}
-    for key, val in (("sep", args.sep), ("where", args.where), ("columns", cols), ("sort", args.sort),
+    units = {**(result.source or {}).get("units", {}), **dict(args.units or [])}
+    for key, val in (("units", units), ("sep", args.sep), ("where", args.where), ("columns", cols), ("sort", args.sort),
                      ("covariates", covariates), ("omega_blocks", [list(b) for b in args.omega_block or []])):
         if val:
             source[key] = val
@@ -844,6 +855,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--chains", type=positive_int, default=None, help="NUTS chains (default 4)")
     f.add_argument("--draws", type=positive_int, default=None, help="NUTS draws per chain after warm-up (default 1000)")
     f.add_argument("--warmup", type=positive_int, default=None, help="NUTS warm-up steps per chain (default 1000)")
+    f.add_argument("--units", action="append", type=unit_pair, metavar="COLUMN=UNIT",
+                   help="units the data use, e.g. --units TIME=h --units AMT=mg --units DV=mg/L (repeatable); "
+                        "the summary then gives parameter units (CL in L/h)")
     f.add_argument("--posterior", choices=["gaussian", "maf", "nsf"], default=None,
                    help="VEM posterior family (default gaussian; maf/nsf: normalizing flows)")
     f.add_argument("--max-steps", type=positive_int, default=None, help="VEM: most gradient steps (default 2000)")

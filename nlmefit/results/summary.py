@@ -34,6 +34,8 @@ import pandas as pd
 import torch
 from scipy.stats import norm
 
+from nlmefit.results.units import parameter_units
+
 __all__ = ["parameter_table", "summary_text", "status_line", "lognormal_components", "BASE_COLUMNS", "CV_LOGNORMAL",
            "CV_FIRST_ORDER"]
 
@@ -165,7 +167,10 @@ def parameter_table(fit, alpha: float = 0.05) -> pd.DataFrame:
                          index=est.index)
     cols = ["kind", "label", "variance", "variance_ci_low", "variance_ci_high", "cv_pct", "cv_formula",
             "shrinkage_pct"]
-    return pd.concat([base, extra[cols]], axis=1)
+    table = pd.concat([base, extra[cols]], axis=1)
+    units = parameter_units(est.index, (getattr(fit, "source", None) or {}).get("units") or {})
+    table["unit"] = [units.get(n, "") for n in est.index]
+    return table
 
 
 def status_line(fit) -> str:
@@ -220,9 +225,14 @@ def summary_text(fit, decimals: int = 4) -> str:
     for msg in fit.messages:
         lines.append(f"  note: {msg}")
     ci = {"ci_low": "CI low", "ci_high": "CI high"}
+    declared = (getattr(fit, "source", None) or {}).get("units") or {}
+    if declared:
+        lines.append("  units (declared by the data): " + ", ".join(f"{k} {v}" for k, v in declared.items()))
+    theta_cols = {"estimate": "estimate", "se": "SE", "rse_pct": "RSE%", **ci, "fixed": "fixed"}
+    if tab["unit"].astype(bool).any():
+        theta_cols = {"estimate": "estimate", "unit": "unit", "se": "SE", "rse_pct": "RSE%", **ci, "fixed": "fixed"}
     lines += _block("Fixed effects (theta); 95% CI estimate ± 1.96·SE",
-                    tab[tab["kind"].isin(["theta", "weight"])],
-                    {"estimate": "estimate", "se": "SE", "rse_pct": "RSE%", **ci, "fixed": "fixed"}, decimals)
+                    tab[tab["kind"].isin(["theta", "weight"])], theta_cols, decimals)
     om = tab[tab["kind"].isin(["omega", "iov", "omega_cov", "iov_cov"])]
     lines += _block("Random effects (omega: variances and covariances); CI of variances on the log scale",
                     om, {"estimate": "omega2", "se": "SE", "rse_pct": "RSE%", **ci, "cv_pct": "CV%",
