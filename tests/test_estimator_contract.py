@@ -17,7 +17,7 @@ from nlmefit.results import FitResult
 FAST = {
     "agq": dict(n_nodes=2),
     "saem": dict(n_explore=30, n_smooth=30, n_samples=200),
-    "nuts": dict(num_chains=1, num_samples=40, warmup_steps=40),
+    "nuts": dict(num_chains=1, num_samples=40, warmup_steps=40, max_tree_depth=4),
     "vem": dict(max_steps=100, n_elbo=100, n_is=500),
 }
 

@@ -71,12 +71,13 @@ quantity (the parameters and the N·q components of η) has split R-hat < 1.01 a
 diverged; otherwise a warning says which. :meth:`NUTS.sample` returns the :class:`NUTSPosterior` (population
 draws included) without building a FitResult.
 
-Timing (theophylline, ``1cmt_oral`` additive, 12 subjects × 11 samples, OMP_NUM_THREADS=1, torch 2.13 CPU, pyro 1.9.2):
-4 chains × 1000 draws after 1000 warm-up, defaults (non-centred, diagonal mass, seed 7): TIMING_WALL; 363 000
-log-density gradient evaluations in all (≈ 45 per iteration, ≈ 2.9 ms each uncontended, of which ≈ 0.5 ms is
-pyro's per-step overhead), max split R-hat 1.004, no divergences, ESS 1100-3100 per parameter. The start (joint
-mode with Ω held, Laplace metric) takes ≈ 1.5 s, the IS OFV ≈ 0.1 s. The long reference run (4 × 4000 draws) is in
-``tests/results/theo_nuts_reference.json``.
+Timing (theophylline, ``1cmt_oral`` additive, 12 subjects × 11 samples, OMP_NUM_THREADS=1, torch 2.13 CPU,
+pyro 1.9.2): 4 chains × 1000 draws after 1000 warm-up, defaults (non-centred, diagonal mass, seed 7): 1007 s wall,
+918 s CPU (≈ 17 min, on a 2-core machine shared with other jobs, load average 1-4); 363 000 log-density gradient
+evaluations in all (≈ 45 per iteration, ≈ 2.9 ms each uncontended, of which ≈ 0.5 ms is pyro's per-step
+overhead), max split R-hat 1.004, no divergences, ESS 1100-3100 per parameter. The start (mode with Ω held,
+Laplace metric) takes ≈ 1.5 s, the IS OFV ≈ 0.1 s. The long reference run (4 × 4000 draws, 3543 s wall under
+heavier load) is in ``tests/results/theo_nuts_reference.json``.
 """
 from __future__ import annotations
 
