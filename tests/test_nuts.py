@@ -276,3 +276,22 @@ def test_acceptance_against_the_long_reference_run():
         r = ref["summary"][name]
         se = math.hypot(tab.loc[name, "mcse"], r["mcse"])
         assert abs(tab.loc[name, "mean"] - r["mean"]) < 2 * se, (name, tab.loc[name].to_dict(), r)
+
+
+def test_nuts_from_the_cli_writes_a_result_that_reads_back(tmp_path, capsys):
+    """`nlmefit fit ... --method nuts`: a short run (too short to converge: exit 1 and an R-hat warning) writes
+    result.json with the sampler diagnostics, and FitResult.from_json restores it with its model."""
+    import json
+
+    from nlmefit.cli import main
+
+    out = tmp_path / "nuts"
+    rc = main(["fit", "theophylline", "--method", "nuts", "--chains", "2", "--draws", "30", "--warmup", "30",
+               "--seed", "3", "--quiet", "--out", str(out)])
+    assert rc in (0, 1)
+    d = json.loads((out / "result.json").read_text())
+    assert d["method"] == "nuts" and d["mcmc"] is not None and "is" in d["likelihoods"]
+    back = nlmefit.FitResult.from_json(out / "result.json")
+    assert back.model is not None and back.mcmc is not None and "r_hat" in back.mcmc.columns
+    assert back.converged == (rc == 0)
+    assert "Traceback" not in capsys.readouterr().err
