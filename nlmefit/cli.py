@@ -679,6 +679,8 @@ def cmd_fit(args) -> int:
                 options[key] = getattr(args, flag)
         if args.stl:
             options["stl"] = True
+        if args.amortized:
+            options["amortized"] = True
         if args.resume:
             if args.checkpoint is None:
                 raise ModelSpecError("--resume needs --checkpoint PATH")
@@ -686,9 +688,10 @@ def cmd_fit(args) -> int:
     else:
         options = dict(device=args.device)
     if args.method != "vem" and (args.posterior is not None or args.max_steps is not None or args.batch_size is
-                                 not None or args.stl or args.checkpoint is not None or args.resume):
-        raise ModelSpecError("--posterior, --max-steps, --batch-size, --stl, --checkpoint and --resume apply to "
-                             "--method vem")
+                                 not None or args.stl or args.amortized or args.checkpoint is not None
+                                 or args.resume):
+        raise ModelSpecError("--posterior, --amortized, --max-steps, --batch-size, --stl, --checkpoint and --resume "
+                             "apply to --method vem")
     if args.maxiter is not None:
         if args.method not in CLASSICAL:
             raise ModelSpecError(f"--maxiter applies to --method {'/'.join(CLASSICAL)} (not {args.method})")
@@ -863,6 +866,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--max-steps", type=positive_int, default=None, help="VEM: most gradient steps (default 2000)")
     f.add_argument("--batch-size", type=positive_int, default=None, help="VEM: subjects per mini-batch (all)")
     f.add_argument("--stl", action="store_true", help="VEM: sticking-the-landing gradient estimator")
+    f.add_argument("--amortized", action="store_true",
+                   help="VEM: one encoder maps each subject's records to its posterior (new subjects need no refit)")
     f.add_argument("--checkpoint", type=nonempty, default=None, metavar="PATH", help="VEM: checkpoint file (.pt)")
     f.add_argument("--resume", action="store_true", help="VEM: continue from --checkpoint")
     f.add_argument("--loglik", default=None, choices=["is", "agq"],

@@ -42,10 +42,20 @@ parameters, the ELBO estimate, the smoothed ELBO and the learning-rate factor pe
 ``checkpoint="run.pt"`` saves the complete state (θ, φ, Adam, generator, smoother, traces) every
 ``checkpoint_every`` steps and at the end; ``resume=True`` continues from it, which gives the same trajectory
 as an uninterrupted run with the same seed and options.
+
+``amortized=True``: φ_i = encoder(panel_i) (:class:`~nlmefit.posteriors.encoder.AmortizedFamily`, a masked set
+encoder over the observation and dose records plus baseline covariates; ``encoder_options`` ``hidden``,
+``heads``), trained jointly with θ on the same ELBO (Adam rate ``lr_encoder``; mini-batches as above, all
+subjects' q_i move with the shared weights). Before the first step the encoder is regressed onto the Laplace
+posteriors at the initial θ for ``warm_steps`` steps. The closed-form Ω uses stored per-subject E_q[η ηᵀ],
+refreshed for the step's subjects. ``fit.posterior`` carries ``.family``/``.encoder`` and
+``.for_data(data, refine_steps=0)``; :func:`amortized_posterior` does the same from a FitResult.
+``fix_population=True`` keeps θ (and Ω) at the initial values and fits the posteriors only.
 """
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 import warnings
@@ -65,15 +75,73 @@ from nlmefit.estimators.vem_state import SCHEDULES, SmoothedElbo, load_checkpoin
 from nlmefit.marginal.evaluate import marginal_loglik
 from nlmefit.marginal.laplace import laplace_posterior
 from nlmefit.marginal.linearisation import Conditional, Linearisation
+from nlmefit.models.data import ObservationData
 from nlmefit.models.parameters import Params
 from nlmefit.models.protocol import LatentModel, Linearisable, MuReferenced
+from nlmefit.posteriors.encoder import AmortizedFamily
 from nlmefit.posteriors.flows import FLOW_KINDS, FlowFamily, FlowPosterior
 from nlmefit.results.build import build_result
 from nlmefit.threads import check_threads, limit_threads, resolve_threads
 
-__all__ = ["VEM"]
+__all__ = ["VEM", "amortized_posterior"]
 
 OMEGA_UPDATES = ("auto", "closed", "gradient")
+
+
+def amortized_posterior(fit, data, *, refine_steps: int = 0, n_samples: int = 8, lr: float = 0.02,
+                        seed: int = 0) -> Distribution:
+    """q_i for the subjects of ``data`` (a DataFrame/Panel for ``fit.model``, or bound data) from the encoder of an
+    amortized VEM fit (``fit.posterior.family``), at the fitted population parameters: no optimisation. With
+    ``refine_steps`` > 0 the encoder's output (m_i, L_i, c_i) then takes that many Adam steps (rate ``lr``,
+    ``n_samples`` draws per subject, seeded) on each subject's ELBO at fixed θ and fixed flow weights —
+    all subjects batched. Same as ``fit.posterior.for_data(data, ...)``."""
+    family = getattr(fit.posterior, "family", None)
+    if not isinstance(family, AmortizedFamily):
+        raise ModelSpecError("amortized_posterior needs a fit of method='vem' with amortized=True")
+    p = fit.population_parameters(device=family.scale_t.device)
+    return _amortized_q(fit.model, family, p, data, refine_steps=refine_steps, n_samples=n_samples, lr=lr, seed=seed)
+
+
+def _amortized_q(model, family: AmortizedFamily, p: Params, data, *, refine_steps: int = 0, n_samples: int = 8,
+                 lr: float = 0.02, seed: int = 0) -> Distribution:
+    mdata = data if isinstance(data, ObservationData) else model.prepare(data, device=family.scale_t.device)
+    with torch.no_grad():
+        q0 = family.for_data(mdata)
+    if refine_steps <= 0:
+        q0.family = family
+        return q0
+    loc = q0.loc.detach().clone().requires_grad_(True)
+    L0 = q0.scale_tril.detach()
+    raw = (torch.tril(L0, -1) + torch.diag_embed(torch.log(torch.diagonal(L0, dim1=-2, dim2=-1)))).requires_grad_(True)
+    ctx = None if family.flow is None else q0.context.detach().clone().requires_grad_(True)
+    leaves = [t for t in (loc, raw, ctx) if t is not None]
+    opt = torch.optim.Adam(leaves, lr=lr)
+    gen = torch.Generator(device=loc.device)
+    gen.manual_seed(int(seed))
+    tril = torch.tril(torch.ones_like(raw[0], dtype=torch.bool), -1)
+    p = p.detach() if hasattr(p, "detach") else p
+
+    def dist():
+        L = torch.where(tril, raw, torch.zeros_like(raw)) + torch.diag_embed(torch.exp(torch.diagonal(raw, 0, -2, -1)))
+        return family._dist(loc, L, ctx)
+
+    for _ in range(int(refine_steps)):
+        xi = torch.randn(n_samples, *loc.shape, generator=gen, dtype=loc.dtype, device=loc.device)
+        with torch.enable_grad():
+            qd = dist()
+            eta = qd.from_base(xi) if isinstance(qd, FlowPosterior) else \
+                qd.loc + (qd.scale_tril @ xi.unsqueeze(-1)).squeeze(-1)
+            lw = model.log_lik(p, eta, mdata) + model.log_prior(p, eta, mdata.n_occ) - qd.log_prob(eta)
+            loss = -lw.mean(0).sum() / loc.shape[0]
+            grads = torch.autograd.grad(loss, leaves)
+        for t, g in zip(leaves, grads):
+            t.grad = g
+        opt.step()
+    with torch.no_grad():
+        out = dist()
+    out = family._dist(out.loc.detach(), out.scale_tril.detach(), None if ctx is None else ctx.detach())
+    out.family = family
+    return out
 
 
 @register("vem")
@@ -86,7 +154,9 @@ class VEM(Estimator):
     (None: all subjects); ``stl``; ``omega_update`` ``"auto"`` | ``"closed"`` | ``"gradient"``; ``max_steps``,
     ``min_steps``, ``window``, ``tol``, ``ema`` (convergence); ``n_elbo`` / ``n_is`` draws per subject for the
     reported ELBO and IS −2LL; ``covariance`` (FOCE-I linearisation) or None; ``progress`` (tqdm bar);
-    ``checkpoint``, ``checkpoint_every``, ``resume``; ``device``; ``threads``."""
+    ``checkpoint``, ``checkpoint_every``, ``resume``; ``device``; ``threads``; ``amortized`` (an encoder gives
+    q_i; ``encoder_options`` ``hidden``/``heads``, ``warm_steps`` Laplace warm-start steps, ``lr_encoder``);
+    ``fix_population`` (θ held at its initial values, posteriors only)."""
 
     requires = (Linearisable,)
 
@@ -116,6 +186,11 @@ class VEM(Estimator):
         resume: bool = False,
         device: str | torch.device | None = None,
         threads: int | str | None = None,
+        amortized: bool = False,
+        encoder_options: dict | None = None,
+        warm_steps: int = 500,
+        lr_encoder: float = 0.002,
+        fix_population: bool = False,
     ) -> None:
         if posterior not in FLOW_KINDS:
             raise ModelSpecError(f"vem: posterior must be one of {FLOW_KINDS}, got {posterior!r}")
@@ -129,7 +204,7 @@ class VEM(Estimator):
                 raise ModelSpecError(f"vem: {name} must be a positive integer, got {val!r}")
         if isinstance(min_steps, bool) or not isinstance(min_steps, (int, np.integer)) or min_steps < 0:
             raise ModelSpecError(f"vem: min_steps must be a non-negative integer, got {min_steps!r}")
-        for name, val in (("lr", lr), ("lr_posterior", lr_posterior), ("tol", tol)):
+        for name, val in (("lr", lr), ("lr_posterior", lr_posterior), ("tol", tol), ("lr_encoder", lr_encoder)):
             if not (isinstance(val, (int, float)) and math.isfinite(val) and val > 0):
                 raise ModelSpecError(f"vem: {name} must be a positive number, got {val!r}")
         if not (isinstance(lr_final, (int, float)) and 0 < lr_final <= 1):
@@ -145,6 +220,12 @@ class VEM(Estimator):
         bad = set(flow_options) - {"context_dim", "hidden", "transforms", "bins", "passes"}
         if bad:
             raise ModelSpecError(f"vem: unknown flow_options {sorted(bad)}")
+        encoder_options = dict(encoder_options or {})
+        bad = set(encoder_options) - {"hidden", "heads"}
+        if bad:
+            raise ModelSpecError(f"vem: unknown encoder_options {sorted(bad)}")
+        if isinstance(warm_steps, bool) or not isinstance(warm_steps, (int, np.integer)) or warm_steps < 0:
+            raise ModelSpecError(f"vem: warm_steps must be a non-negative integer, got {warm_steps!r}")
         self.posterior = posterior
         self.n_samples = int(n_samples)
         self.lr = float(lr)
@@ -169,6 +250,11 @@ class VEM(Estimator):
         self.resume = bool(resume)
         self.device = device
         self.threads = check_threads(threads)
+        self.amortized = bool(amortized)
+        self.encoder_options = encoder_options
+        self.warm_steps = int(warm_steps)
+        self.lr_encoder = float(lr_encoder)
+        self.fix_population = bool(fix_population)
 
     @property
     def linearisation(self) -> Linearisation:
@@ -216,15 +302,33 @@ class _Run:
             loc, scale = torch.zeros(self.n, self.q, dtype=torch.float64, device=dev), sd.expand(self.n, self.q)
             self.messages.append(f"vem: no Laplace posterior at the initial values ({err}); q_i started at "
                                  f"N(0, diag Ω)")
+        self.amortized = vem.amortized
+        resuming = vem.resume and Path(vem.checkpoint).exists()
         with torch.random.fork_rng(devices=[]):  # built on the CPU, then moved: the caller's CPU state is kept
             torch.manual_seed(seed)  # the flow's context and network initialisation
-            self.family = FlowFamily(vem.posterior, self.n, self.q, init_loc=loc.cpu(), init_scale=scale.cpu(),
-                                     dtype=torch.float64, **vem.flow_options).to(dev)
+            if self.amortized:
+                fo = dict(vem.flow_options)
+                if "hidden" in fo:
+                    fo["flow_hidden"] = fo.pop("hidden")
+                self.family = AmortizedFamily(vem.posterior, mdata, self.q, **vem.encoder_options, **fo).to(dev)
+                self.family.bind(mdata)
+                if scale.dim() == 2:
+                    scale = torch.diag_embed(scale)
+                if not resuming and vem.warm_steps:
+                    mse = self.family.warm_start(loc, scale, steps=vem.warm_steps)
+                    self.messages.append(f"vem: encoder warm-started on the Laplace posteriors for {vem.warm_steps} "
+                                         f"steps (standardised MSE {mse:.3g})")
+            else:
+                self.family = FlowFamily(vem.posterior, self.n, self.q, init_loc=loc.cpu(), init_scale=scale.cpu(),
+                                         dtype=torch.float64, **vem.flow_options).to(dev)
+        if vem.fix_population:
+            self.u.requires_grad_(False)
         self.det_flow = None
         if self.family.flow is not None and vem.stl:
             self.det_flow = copy.deepcopy(self.family.flow).requires_grad_(False)
+        self.lr_post = vem.lr_encoder if self.amortized else vem.lr_posterior
         self.opt = torch.optim.Adam([{"params": [self.u], "lr": vem.lr},
-                                     {"params": list(self.family.parameters()), "lr": vem.lr_posterior}])
+                                     {"params": list(self.family.parameters()), "lr": self.lr_post}])
         # Ω in closed form: which entries of u hold the free Ω blocks
         spec = pset.omega
         n_th = sum(1 for p in pset.theta.values() if not p.fixed)
@@ -234,9 +338,9 @@ class _Run:
         closed_ok = isinstance(model, MuReferenced) and n_om > 0
         if vem.omega_update == "closed" and not isinstance(model, MuReferenced):
             raise ModelSpecError("vem: omega_update='closed' needs a MuReferenced model (prior η ~ N(0, Ω))")
-        self.closed = closed_ok and vem.omega_update in ("auto", "closed")
-        self.eta2 = None  # per-subject E_q[η ηᵀ] for flows
-        if self.closed and self.family.flow is not None:
+        self.closed = closed_ok and vem.omega_update in ("auto", "closed") and not vem.fix_population
+        self.eta2 = None  # per-subject E_q[η ηᵀ] for flows and for the amortized family
+        if self.closed and (self.family.flow is not None or self.amortized):
             self.eta2 = loc.unsqueeze(-1) * loc.unsqueeze(-2) + scale @ scale.transpose(-1, -2) \
                 if scale.dim() == 3 else loc.unsqueeze(-1) * loc.unsqueeze(-2) + torch.diag_embed(scale ** 2)
         self.smooth = SmoothedElbo(vem.ema, vem.window, vem.tol, vem.min_steps)
@@ -256,7 +360,7 @@ class _Run:
                                           if k not in ("progress", "checkpoint", "checkpoint_every", "resume",
                                                        "device", "threads", "covariance", "n_is", "n_elbo",
                                                        "max_steps", "min_steps", "tol", "window")}})
-        if vem.resume and Path(vem.checkpoint).exists():
+        if resuming:
             self._load(load_checkpoint(vem.checkpoint, self.fingerprint, dev))
 
     # ---------------------------------------------------------------- pieces
@@ -274,8 +378,16 @@ class _Run:
                                  qd.kind)
         return type(qd)(qd.loc.detach(), qd.scale_tril.detach(), kind=qd.kind)
 
-    def _omega_step(self, idx, eta) -> None:
-        """Set the free Ω blocks in u to the maximiser (1/N) Σ_i E_q[η_i η_iᵀ] (projected, kept positive definite)."""
+    def _omega_step(self, idx, eta, qd: Distribution | None = None) -> None:
+        """Set the free Ω blocks in u to the maximiser (1/N) Σ_i E_q[η_i η_iᵀ] (projected, kept positive definite).
+
+        Amortized: the stored E_q[η_i η_iᵀ] of the step's subjects are refreshed (exactly for the Gaussian family,
+        from the step's draws for flows); the others keep their last values (a stochastic-approximation average)."""
+        if self.amortized and qd is not None and self.family.flow is None:
+            loc, L = qd.loc.detach(), qd.scale_tril.detach()
+            self.eta2[idx if idx is not None else slice(None)] = loc.unsqueeze(-1) * loc.unsqueeze(-2) \
+                + L @ L.transpose(-1, -2)
+            eta = None
         if self.eta2 is None:
             loc, L = self.family.loc.detach(), self.family.scale_tril.detach()
             S = (loc.T @ loc + (L @ L.transpose(-1, -2)).sum(0)) / self.n
@@ -300,7 +412,7 @@ class _Run:
             t = min(1.0, (self.k - self.anneal_from) / self.n_anneal)
             fac = vem.lr_final + (self.anneal_fac - vem.lr_final) * 0.5 * (1.0 + math.cos(math.pi * t))
         self.opt.param_groups[0]["lr"] = vem.lr * fac
-        self.opt.param_groups[1]["lr"] = vem.lr_posterior * fac
+        self.opt.param_groups[1]["lr"] = self.lr_post * fac
         idx = None
         if self.batch is not None:
             idx = torch.randperm(n, generator=self.gen, device=self.dev)[:self.batch].sort().values
@@ -319,18 +431,18 @@ class _Run:
                 raise EstimationError(f"vem: step {self.k}: the ELBO estimate is not finite at "
                                       f"{self.pset.natural_dict(p)}; try better initial estimates or a smaller lr")
             (-total / n).backward()
-        if idx is not None:
+        if idx is not None and not self.amortized:
             keep = [t.detach().clone() for t in self.family.parameters()]
         self.opt.step()
         with torch.no_grad():
-            if idx is not None:  # the subjects outside the batch keep their posteriors exactly
+            if idx is not None and not self.amortized:  # the subjects outside the batch keep their posteriors
                 out = torch.ones(n, dtype=torch.bool, device=self.dev)
                 out[idx] = False
                 for t, old in zip(self.family.parameters(), keep):
                     if t.shape[:1] == (n,):
                         t[out] = old[out]
             if self.closed:
-                self._omega_step(idx, eta)
+                self._omega_step(idx, eta, qd)
         value = float(total.detach())
         s = self.smooth.update(value)
         nat = self.pset.natural_dict(self.pset.from_unconstrained(self.u.detach()))
@@ -401,9 +513,12 @@ class _Run:
         qd = self.family()
         with torch.no_grad():
             if self.closed and self.eta2 is not None:  # the final M-step for Ω with many draws
-                _, etas = self._final_draws(qd)
-                self.eta2 = torch.einsum("kbq,kbr->bqr", etas, etas) / etas.shape[0]
-                self._omega_step(None, None)
+                if self.amortized and self.family.flow is None:
+                    self._omega_step(None, None, qd)
+                else:
+                    _, etas = self._final_draws(qd)
+                    self.eta2 = torch.einsum("kbq,kbr->bqr", etas, etas) / etas.shape[0]
+                    self._omega_step(None, None)
             lw, etas = self._final_draws(qd)
         p_hat = self.pset.from_unconstrained(self.u.detach())
         elbo_i = lw.mean(0)
@@ -433,6 +548,10 @@ class _Run:
         if lik.m2ll > -2 * elbo + 4 * math.sqrt(se ** 2 + lik.se ** 2) * 2:
             messages.append(f"vem: the IS -2LL ({lik.m2ll:.3f}) is above -2*ELBO ({-2 * elbo:.3f}): the IS "
                             f"estimate with q as the proposal is unreliable (light-tailed q?)")
+        if self.amortized:  # the encoder travels with the posterior: q for new subjects without optimisation
+            qd.family = self.family
+            qd.encoder = self.family.encoder
+            qd.for_data = functools.partial(_amortized_q, model, self.family, p_hat)
         res = build_result(vem, model, mdata, p_hat, eta_hat, linearisation=lin, n_iter=self.k, converged=converged,
                            messages=messages, elapsed=time.perf_counter() - t0, seed=self.seed, likelihood=lik,
                            traces=traces, phases={}, posterior=qd,
