@@ -110,10 +110,9 @@ def test_seeded_runs_are_reproducible():
     assert not a.traces.equals(c.traces)
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")
-def test_resume_from_a_checkpoint_gives_the_uninterrupted_trajectory(tmp_path, monkeypatch):
-    model, df = _theo()
-    full = nlmefit.fit(model, df, method="vem", seed=3, **FAST)
+def interrupted_then_resumed(model, df, options: dict, tmp_path, monkeypatch):
+    """(uninterrupted fit, fit interrupted after 25 steps and resumed from its step-20 checkpoint, checkpoint)."""
+    full = nlmefit.fit(model, df, method="vem", seed=3, **options)
     ck = tmp_path / "vem.pt"
     calls = {"n": 0}
     original = vem_mod.VEM._step
@@ -126,18 +125,25 @@ def test_resume_from_a_checkpoint_gives_the_uninterrupted_trajectory(tmp_path, m
 
     monkeypatch.setattr(vem_mod.VEM, "_step", crashing)
     with pytest.raises(KeyboardInterrupt):
-        nlmefit.fit(model, df, method="vem", seed=3, checkpoint=ck, checkpoint_every=10, **FAST)
+        nlmefit.fit(model, df, method="vem", seed=3, checkpoint=ck, checkpoint_every=10, **options)
     monkeypatch.setattr(vem_mod.VEM, "_step", original)
     state = torch.load(ck, weights_only=True)
+    resumed = nlmefit.fit(model, df, method="vem", checkpoint=ck, checkpoint_every=10, resume=True, **options)
+    return full, resumed, state
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_resume_from_a_checkpoint_gives_the_uninterrupted_trajectory(tmp_path, monkeypatch):
+    model, df = _theo()
+    full, resumed, state = interrupted_then_resumed(model, df, FAST, tmp_path, monkeypatch)
     assert state["k"] == 20
-    resumed = nlmefit.fit(model, df, method="vem", checkpoint=ck, checkpoint_every=10, resume=True, **FAST)
     assert resumed.seed == 3 and any("resumed" in m for m in resumed.messages)
     np.testing.assert_array_equal(resumed.traces.to_numpy(), full.traces.to_numpy())
     pd_equal = resumed.estimates.equals(full.estimates)
     assert pd_equal and resumed.ofv == full.ofv
     # a checkpoint of another run is refused
     with pytest.raises(nlmefit.ModelSpecError, match="different run"):
-        nlmefit.fit(model, df, method="vem", seed=4, checkpoint=ck, resume=True, **FAST)
+        nlmefit.fit(model, df, method="vem", seed=4, checkpoint=tmp_path / "vem.pt", resume=True, **FAST)
 
 
 @pytest.mark.parametrize("bad", [dict(posterior="realnvp"), dict(schedule="linear"), dict(lr=-1.0),

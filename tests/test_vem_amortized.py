@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from test_vem import interrupted_then_resumed
 
 import nlmefit
 import nlmefit.estimators.vem as vem_mod
@@ -75,24 +76,8 @@ FAST = dict(posterior="maf", amortized=True, warm_steps=20, max_steps=40, min_st
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_amortized_resume_gives_the_uninterrupted_trajectory(tmp_path, monkeypatch):
     model, df = _theo()
-    full = nlmefit.fit(model, df, method="vem", seed=3, **FAST)
-    ck = tmp_path / "vem.pt"
-    calls = {"n": 0}
-    original = vem_mod.VEM._step
-
-    def crashing(self, run):
-        calls["n"] += 1
-        if calls["n"] > 25:
-            raise KeyboardInterrupt("simulated interruption")
-        return original(self, run)
-
-    monkeypatch.setattr(vem_mod.VEM, "_step", crashing)
-    with pytest.raises(KeyboardInterrupt):
-        nlmefit.fit(model, df, method="vem", seed=3, checkpoint=ck, checkpoint_every=10, **FAST)
-    monkeypatch.setattr(vem_mod.VEM, "_step", original)
-    state = torch.load(ck, weights_only=True)
+    full, resumed, state = interrupted_then_resumed(model, df, FAST, tmp_path, monkeypatch)
     assert state["k"] == 20 and any(k.startswith("encoder.") for k in state["family"])
-    resumed = nlmefit.fit(model, df, method="vem", checkpoint=ck, checkpoint_every=10, resume=True, **FAST)
     np.testing.assert_array_equal(resumed.traces.to_numpy(), full.traces.to_numpy())
     assert resumed.estimates.equals(full.estimates) and resumed.ofv == full.ofv
     torch.testing.assert_close(resumed.posterior.loc, full.posterior.loc, rtol=0, atol=0)
