@@ -313,7 +313,7 @@ def _prior_support_ok(d: torch.distributions.Distribution, lo: float, hi: float,
     try:
         return bool(d.support.check(t).all())
     except (NotImplementedError, AttributeError, RuntimeError, TypeError):
-        return True
+        return True  # a support torch cannot check (custom distribution): the log_prob at the draws decides
 
 
 class JointDensity:

@@ -15,6 +15,8 @@ OFV (SAEM, NUTS, VEM) pass the FOCE-I one to the result builder for standard err
 """
 from __future__ import annotations
 
+import abc
+
 import torch
 
 from nlmefit.errors import ModelSpecError
@@ -30,18 +32,20 @@ __all__ = ["Linearisation", "Conditional", "Quadrature", "get_linearisation", "A
 APPROXIMATIONS = ("fo", "foce", "focei", "laplace", "laplace_gn")
 
 
-class Linearisation:
+class Linearisation(abc.ABC):
     """Base: the pair (modes, per-subject −2 log L with full constants) of an approximation."""
 
     name: str = "?"
     needs_linearisable: bool = True
 
+    @abc.abstractmethod
     def modes(self, model: LatentModel, p: Params, data: ObservationData, eta0: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The conditional modes η̂_i [N, q], started from ``eta0``."""
 
+    @abc.abstractmethod
     def subject_m2ll(self, model: LatentModel, p: Params, data: ObservationData,
                      eta_hat: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """−2 log L_i per subject [N] at the modes, differentiable in ``p``."""
 
     def check(self, model) -> None:
         """ModelSpecError when ``model`` lacks a capability this approximation needs."""
