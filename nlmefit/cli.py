@@ -95,11 +95,17 @@ def name_value(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"{text!r}: the value of {k} must be a finite number, got {v!r}") from None
 
 
+def _pair(text: str, usage: str) -> tuple[str, str]:
+    """``KEY=value`` split and stripped; ``usage`` (e.g. ``COLUMN=UNIT (e.g. TIME=h)``) names the form."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected {usage}, got {text!r}")
+    k, v = (s.strip() for s in text.split("=", 1))
+    return k, v
+
+
 def unit_pair(text: str) -> tuple[str, str]:
     """``COLUMN=unit`` (``TIME=h``, ``DV=mg/L``)."""
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected COLUMN=UNIT (e.g. TIME=h or DV=mg/L), got {text!r}")
-    k, v = (s.strip() for s in text.split("=", 1))
+    k, v = _pair(text, "COLUMN=UNIT (e.g. TIME=h or DV=mg/L)")
     if not k or not v:
         raise argparse.ArgumentTypeError(f"{text!r}: both a column and a unit are needed (e.g. AMT=mg)")
     return k.upper(), v
@@ -109,9 +115,7 @@ def column_pair(text: str) -> tuple[str, str]:
     """``CANONICAL=column`` (``DV=CONC``)."""
     from nlmefit.panel.columns import CANONICAL
 
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected NAME=COLUMN (e.g. DV=CONC), got {text!r}")
-    k, v = (s.strip() for s in text.split("=", 1))
+    k, v = _pair(text, "NAME=COLUMN (e.g. DV=CONC)")
     if k.upper() not in CANONICAL:
         raise argparse.ArgumentTypeError(f"{text!r}: {k!r} is not a NONMEM column name (one of {', '.join(CANONICAL)})")
     if not v:

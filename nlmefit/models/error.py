@@ -18,6 +18,7 @@ Censored observations (M3, Beal 2001): an observation below its limit (``cens = 
 """
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ LOG_2PI = math.log(2 * math.pi)
 
 
 @dataclass(frozen=True)
-class ErrorModel:
+class ErrorModel(abc.ABC):
     """Base class: ``name`` (what users write), the σ names, and whether the likelihood lives on log(DV).
     Subclasses implement :meth:`variance` (one class per error model, no dispatch on the name)."""
 
@@ -41,9 +42,9 @@ class ErrorModel:
     sigma_names: tuple[str, ...]
     log_scale: bool = False
 
+    @abc.abstractmethod
     def variance(self, f: torch.Tensor, sigma: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Residual variance at prediction f (f already on the likelihood scale for ``exponential``)."""
-        raise NotImplementedError
 
     def transform(self, x: torch.Tensor) -> torch.Tensor:
         """Map DV (or a limit, or a prediction) to the likelihood scale."""
