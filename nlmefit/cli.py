@@ -681,8 +681,8 @@ def cmd_fit(args) -> int:
                           ("checkpoint", "checkpoint")):
             if getattr(args, flag) is not None:
                 options[key] = getattr(args, flag)
-        if args.stl:
-            options["stl"] = True
+        if args.stl is not None:
+            options["stl"] = args.stl
         if args.amortized:
             options["amortized"] = True
         if args.resume:
@@ -692,7 +692,7 @@ def cmd_fit(args) -> int:
     else:
         options = dict(device=args.device)
     if args.method != "vem" and (args.posterior is not None or args.max_steps is not None or args.batch_size is
-                                 not None or args.stl or args.amortized or args.checkpoint is not None
+                                 not None or args.stl is not None or args.amortized or args.checkpoint is not None
                                  or args.resume):
         raise ModelSpecError("--posterior, --amortized, --max-steps, --batch-size, --stl, --checkpoint and --resume "
                              "apply to --method vem")
@@ -869,7 +869,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="VEM posterior family (default gaussian; maf/nsf: normalizing flows)")
     f.add_argument("--max-steps", type=positive_int, default=None, help="VEM: most gradient steps (default 2000)")
     f.add_argument("--batch-size", type=positive_int, default=None, help="VEM: subjects per mini-batch (all)")
-    f.add_argument("--stl", action="store_true", help="VEM: sticking-the-landing gradient estimator")
+    f.add_argument("--stl", action=argparse.BooleanOptionalAction, default=None,
+                   help="VEM: sticking-the-landing gradient estimator (default: on per subject, off amortized)")
     f.add_argument("--amortized", action="store_true",
                    help="VEM: one encoder maps each subject's records to its posterior (new subjects need no refit)")
     f.add_argument("--checkpoint", type=nonempty, default=None, metavar="PATH", help="VEM: checkpoint file (.pt)")

@@ -204,7 +204,7 @@ def test_gradients_reach_per_subject_and_shared_parameters(kind):
     fam.zero_grad()
     _randomise(fam)
     loss([1, 3]).backward()  # a mini-batch: per-subject gradients only for its subjects, shared ones for all
-    for per_subject in (fam.loc, fam.scale_raw, fam.context):
+    for per_subject in (fam.offset, fam.scale_raw, fam.context):
         norms = per_subject.grad.flatten(1).abs().sum(1)
         assert bool((norms[[1, 3]] > 0).all()) and bool((norms[[0, 2]] == 0).all())
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in fam.flow.parameters())
@@ -250,7 +250,7 @@ def test_elbo_is_exact_at_the_posterior_and_differentiable(line_fit):
         bound = elbo(model, p, data, fam(), n_samples=64)
     assert float(bound.detach().sum()) < lg.exact_loglik(df).sum()
     (-bound.sum()).backward()
-    assert fam.loc.grad.abs().sum() > 0 and fam.context.grad.abs().sum() > 0
+    assert fam.offset.grad.abs().sum() > 0 and fam.context.grad.abs().sum() > 0
     assert all(w.grad is not None for w in fam.flow.parameters())
 
 

@@ -144,21 +144,22 @@ def _gaps(fits):
 
 
 def test_flow_halves_the_elbo_gap_on_a_non_gaussian_posterior():
-    """10 subjects, 600 steps each (≈ 10 s). Measured: gap Gaussian 10.1 (own IS) / 11.9 (common), MAF 3.4 / 4.3;
-    median max |skewness| 0.52."""
+    """10 subjects, 600 steps each (≈ 15 s). Measured (whitened, re-based per-subject parameters): gap Gaussian 7.2
+    (own IS) / 9.6 (common), NSF 1.4 / 1.4; worst-subject ESS 1971 of 4000; median max |skewness| 0.56. (MAF at
+    600 steps: 3.4–5.4 across seeds — not converged yet at this budget; the slow test below runs NSF longer.)"""
     model, df = _flip_data(10)
-    fits = {k: _fixed_theta_fit(model, df, k, 600) for k in ("gaussian", "maf")}
+    fits = {k: _fixed_theta_fit(model, df, k, 600) for k in ("gaussian", "nsf")}
     for f in fits.values():
         assert f.estimates.to_dict() == pytest.approx(FLIP, rel=1e-12)
-    skew, ess = _weighted_skewness(model, fits["maf"], df)
+    skew, ess = _weighted_skewness(model, fits["nsf"], df)
     assert float(ess.min()) > 100
     # visibly non-Gaussian: the posteriors are skewed (a Gaussian's |skewness| is 0, noise here ≈ 0.15) …
     assert float(skew.max(-1).values.median()) > 0.35, skew
     own, common = _gaps(fits)
     # … and the Gaussian family cannot close the gap (KL ≈ 0.5 nats per subject), the flow closes most of it
     assert own["gaussian"] > 5.0 and common["gaussian"] > 5.0
-    assert own["maf"] <= 0.5 * own["gaussian"], own
-    assert common["maf"] <= 0.5 * common["gaussian"], common
+    assert own["nsf"] <= 0.5 * own["gaussian"], own
+    assert common["nsf"] <= 0.5 * common["gaussian"], common
 
 
 @pytest.mark.slow
@@ -219,7 +220,7 @@ def test_amortized_vem_recovers_a_small_simulation():
 def test_amortized_vem_recovers_2000_subjects():
     """2000 fitted / 200 held-out subjects (≈ 100 s): θ, Ω, σ within 3 SE (FOCE-I sandwich at the VEM
     estimates) of the truth (measured max |z| 1.85, σ 1.45); held-out IS −2LL of the amortized posteriors (no
-    optimisation) no worse than per-subject VEM's by more than 2 %. Tight convergence (min_steps 3000, tol 3e-5):
+    optimisation) within 2 % of per-subject VEM's. Tight convergence (min_steps 3000, tol 3e-5):
     with the default tol the run stopped at 1010 steps with σ at z = 7.1 and Ω_ka at z = −4.0 (the amortization
     gap inflates σ and shrinks Ω until the encoder is trained further)."""
     fit, truth, lik_a, lik_p, times = _recover(2000, 200, covariance="sandwich", min_steps=3000, tol=3e-5)
@@ -227,7 +228,6 @@ def test_amortized_vem_recovers_2000_subjects():
     print("z:", z.round(2).to_dict(), "held-out -2LL amortized", lik_a.m2ll, "per-subject", lik_p["m2ll"],
           "times", times)
     assert (z.abs() < 3).all(), z
-    # one-sided: an IS −2LL is biased upwards by a poor proposal, and per-subject VEM's q of one held-out subject
-    # can be poor (seen once: 1557 vs the amortized 1357; in another run 1367.3 vs 1368.4), so the amortized
-    # posteriors must be no worse than per-subject VEM's by more than 2 %
-    assert lik_a.m2ll <= lik_p["m2ll"] + 0.02 * abs(lik_p["m2ll"]), (lik_a.m2ll, lik_p["m2ll"])
+    # two-sided (the issue's acceptance line). Before the per-subject parameters were whitened (FlowFamily's
+    # reference frame) one held-out subject's q was thrown into a secondary flip-flop mode: 1557 vs 1357.
+    assert abs(lik_a.m2ll - lik_p["m2ll"]) <= 0.02 * abs(lik_p["m2ll"]), (lik_a.m2ll, lik_p["m2ll"])

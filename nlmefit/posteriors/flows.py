@@ -100,7 +100,13 @@ class FlowPosterior(Distribution):
 class FlowFamily(nn.Module):
     """Per-subject variational parameters of q_i for N subjects, all evaluated in one pass.
 
-    ``loc`` [N, q] and ``scale_raw`` [N, q, q] (strict lower triangle as is, log-diagonal) give m_i and L_i;
+    The parameters live in each subject's own *reference frame* (r_i, R_i), the Gaussian set at
+    :meth:`initialise` (e.g. the Laplace posterior): ``offset`` o_i [N, q] and ``scale_raw`` [N, q, q] (strict lower
+    triangle as is, log-diagonal; zero = identity) give m_i = r_i + R_i o_i and L_i = R_i · chol(scale_raw_i).
+    Why: Adam moves every parameter by about its learning rate per step whatever the gradient's size, so in absolute
+    units a step of 0.05 is a tenth of one subject's posterior SD and several SDs of another's (a richly sampled
+    subject with SD 0.01 was thrown out of its mode into a secondary flip-flop mode 181 −2LL units worse); in the
+    reference frame a step is the same fraction of every subject's posterior SD. ``loc``/``scale_tril`` are m_i/L_i;
     for ``maf``/``nsf`` a zuko conditional flow with shared weights takes the learned per-subject ``context``
     [N, ``context_dim``]. ``init_loc``/``init_scale`` (e.g. the Laplace mode and Cholesky of H⁻¹; ``init_scale``
     may also be standard deviations [N, q] or a number) set q_i to that Gaussian exactly at initialisation.
@@ -116,8 +122,10 @@ class FlowFamily(nn.Module):
         if n_subjects < 1 or q < 1:
             raise ValueError(f"need n_subjects >= 1 and q >= 1, got {n_subjects} and {q}")
         self.kind, self.n_subjects, self.q = kind, int(n_subjects), int(q)
-        self.loc = nn.Parameter(torch.zeros(n_subjects, q, dtype=dtype))
+        self.offset = nn.Parameter(torch.zeros(n_subjects, q, dtype=dtype))
         self.scale_raw = nn.Parameter(torch.zeros(n_subjects, q, q, dtype=dtype))
+        self.register_buffer("ref_loc", torch.zeros(n_subjects, q, dtype=dtype))
+        self.register_buffer("ref_scale", torch.eye(q, dtype=dtype).expand(n_subjects, q, q).clone())
         self.register_buffer("_tril", torch.tril(torch.ones(q, q, dtype=torch.bool), -1), persistent=False)
         self.flow: nn.Module | None = None
         self.context: nn.Parameter | None = None
@@ -132,9 +140,17 @@ class FlowFamily(nn.Module):
         self.initialise(init_loc, init_scale)
 
     @property
+    def loc(self) -> Tensor:
+        """m_i [N, q] = r_i + R_i o_i."""
+        return self._loc(slice(None))
+
+    @property
     def scale_tril(self) -> Tensor:
-        """L_i [N, q, q]: the strict lower triangle of ``scale_raw`` plus exp of its diagonal."""
-        return self._cholesky(self.scale_raw)
+        """L_i [N, q, q] = R_i · (strict lower triangle of ``scale_raw`` plus exp of its diagonal)."""
+        return self.ref_scale @ self._cholesky(self.scale_raw)
+
+    def _loc(self, idx) -> Tensor:
+        return self.ref_loc[idx] + (self.ref_scale[idx] @ self.offset[idx].unsqueeze(-1)).squeeze(-1)
 
     def _cholesky(self, raw: Tensor) -> Tensor:
         low = torch.where(self._tril, raw, torch.zeros_like(raw))
@@ -142,10 +158,11 @@ class FlowFamily(nn.Module):
 
     @torch.no_grad()
     def initialise(self, loc: Tensor | None = None, scale: Tensor | float | None = None) -> FlowFamily:
-        """Set q_i = N(loc_i, L_i L_iᵀ) exactly (flow reset to the identity); ``None``: N(0, I)."""
+        """Set q_i = N(loc_i, L_i L_iᵀ) exactly, as the new reference frame (flow reset to the identity);
+        ``None``: N(0, I)."""
         n, q = self.n_subjects, self.q
-        dt, dev = self.loc.dtype, self.loc.device
-        self.loc.copy_(torch.zeros(n, q) if loc is None else torch.as_tensor(loc).expand(n, q))
+        dt, dev = self.offset.dtype, self.offset.device
+        self.ref_loc.copy_(torch.zeros(n, q) if loc is None else torch.as_tensor(loc).expand(n, q))
         if scale is None:
             L = torch.eye(q, dtype=dt, device=dev).expand(n, q, q)
         else:
@@ -157,13 +174,26 @@ class FlowFamily(nn.Module):
         diag = torch.diagonal(L, dim1=-2, dim2=-1)
         if not bool((diag > 0).all()):
             raise ValueError("init_scale must be a Cholesky factor with a positive diagonal (or positive SDs)")
-        self.scale_raw.copy_(torch.tril(L, -1) + torch.diag_embed(torch.log(diag)))
+        self.ref_scale.copy_(L)
+        self.offset.zero_()
+        self.scale_raw.zero_()
         if self.flow is not None:
             for module in self.flow.modules():
                 hyper = getattr(module, "hyper", None)
                 if isinstance(hyper, nn.Sequential):  # zero last layer: f(· | c) = identity for every c
                     nn.init.zeros_(hyper[-1].weight)
                     nn.init.zeros_(hyper[-1].bias)
+        return self
+
+    @torch.no_grad()
+    def rebase(self) -> FlowFamily:
+        """Make the current (m_i, L_i) the reference frame (offset and ``scale_raw`` back to zero): q is unchanged
+        exactly, and an optimiser step is again a fixed fraction of each subject's *current* posterior SD."""
+        loc, L = self.loc.clone(), self.scale_tril.clone()
+        self.ref_loc.copy_(loc)
+        self.ref_scale.copy_(L)
+        self.offset.zero_()
+        self.scale_raw.zero_()
         return self
 
     @classmethod
@@ -178,7 +208,7 @@ class FlowFamily(nn.Module):
         """q for all subjects (``index=None``) or for ``index``; values and densities in ``dtype`` (default:
         the parameters'), differentiable in every parameter."""
         idx = slice(None) if index is None else index
-        loc, L = self.loc[idx], self._cholesky(self.scale_raw[idx])
+        loc, L = self._loc(idx), self.ref_scale[idx] @ self._cholesky(self.scale_raw[idx])
         if dtype is not None:
             loc, L = loc.to(dtype), L.to(dtype)
         if self.flow is None:

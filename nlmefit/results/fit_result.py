@@ -183,7 +183,7 @@ class FitResult:
         nrows = max(1, math.ceil(len(names) / ncols))
         fig, axes = plt.subplots(nrows, min(ncols, len(names)), figsize=(3.2 * min(ncols, len(names)), 2.4 * nrows),
                                  squeeze=False)
-        k1 = self.phases.get("explore")
+        k1 = self.phases.get("explore", self.phases.get("optimise"))  # SAEM / VEM: the end of the first phase
         for ax, n in zip(axes.ravel(), names):
             ax.plot(tr.index, tr[n], lw=1)
             if k1:
