@@ -180,13 +180,16 @@ class Model:
         cens_np = np.where(mask_np, panel.cens, 0).astype(np.int64)
         lim_np = np.where(cens_np != 0, panel.limit, 1.0 if self.error.log_scale else 0.0)
         limit = self.error.transform(torch.as_tensor(lim_np, **kw))
-        varying = panel.obs_covariates.shape[-1] > 0 and bool(
-            (np.abs(panel.obs_covariates - panel.covariates[:, None, :]) > 0)[mask_np].any())
-        per_obs = varying or self.n_iov > 0
-        if per_obs and not self.structure.per_observation:
-            raise ModelSpecError(f"{self.name} solves an ODE with per-subject parameters; time-varying covariates "
-                                 f"and IOV need a closed-form structure in this version")
         names = list(panel.covariate_names)
+        used = self._check_dose_record_covariates(panel, self.used_covariates(panel))
+        varying = [n for k, n in enumerate(names) if n in used and bool(
+            (np.abs(panel.obs_covariates[:, :, k] - panel.covariates[:, None, k]) > 0)[mask_np].any())]
+        per_obs = bool(varying) or self.n_iov > 0
+        if per_obs and not self.structure.per_observation:
+            what = (f"the covariate{'s' if len(varying) > 1 else ''} {', '.join(varying)} it uses change"
+                    f"{'' if len(varying) > 1 else 's'} within a subject" if varying else "the model has IOV")
+            raise ModelSpecError(f"{self.name} solves an ODE with per-subject parameters, but {what}; time-varying "
+                                 f"covariates and IOV need a closed-form structure in this version")
         if per_obs:
             cov = {n: torch.as_tensor(panel.obs_covariates[:, :, k], **kw) for k, n in enumerate(names)}
         else:
@@ -201,6 +204,56 @@ class Model:
                                                                      dtype=torch.int64), per_obs=per_obs)
         self._dry_run(data, check_likelihood)
         return data
+
+    def used_covariates(self, panel: Panel) -> set[str]:
+        """The covariate columns of ``panel`` this model reads: only these decide whether the data need the
+        per-observation path (time-varying covariates), so an unused column (``LNDV``, true-parameter columns,
+        ``DOSE_MGKG``) never makes an ODE model refuse the data nor slows a closed form down.
+
+        Formula terms name their columns (matched as the formula does: exactly, else case-insensitively; an
+        ambiguous name counts for every match). A ``params=`` function is traced once on the baseline covariates
+        with a mapping that records the keys it reads. A function that cannot be traced that way (it iterates
+        the mapping or takes its length, or raises on the baseline values) keeps the conservative rule: every
+        column counts. The trace assumes what docs/models.md asks for, tensor code without Python branches on
+        covariate values; a function that reads other columns on other values would be mis-classified."""
+        names = list(panel.covariate_names)
+        if self.params_fn is None:
+            used: set[str] = set()
+            for t in self.terms:
+                for c in t.covariates:
+                    exact = [n for n in names if n == c]
+                    used.update(exact or [n for n in names if str(n).strip().lower() == c.lower()])
+            return used
+        dtype = torch.float64
+        p = self.initial_params(dtype)
+        theta = {k: (v if v.dim() == 0 else v.unsqueeze(-1)) for k, v in p.theta.items()}
+        n = panel.n_subjects
+        etas = {e: torch.zeros(n, 1, dtype=dtype) for e in [*self.eta_names, *self.parameters.iov_names]}
+        rec = _RecordingCovariates({c: torch.as_tensor(panel.covariates[:, k:k + 1], dtype=dtype)
+                                    for k, c in enumerate(names)})
+        try:
+            with torch.no_grad():
+                self.params_fn(theta, etas, rec)
+        except Exception:  # noqa: BLE001 - the dry run reports the error; here it only means "cannot tell"
+            return set(names)
+        return set(names) if rec.enumerated else rec.used
+
+    def _check_dose_record_covariates(self, panel: Panel, used: set[str]) -> set[str]:
+        """A used column that is non-zero only on dose records (Panel.dose_record_covariates) is either the
+        subject's time-constant value (said once, by a warning) or dose information, which a covariate model
+        cannot use: a DataError naming the column and the subject. Returns ``used``."""
+        for name, bad_id in (getattr(panel, "dose_record_covariates", None) or {}).items():
+            if name not in used:
+                continue
+            if bad_id is not None:
+                raise DataError(f"column {name}, ID {bad_id}: the column is non-zero only on dose records and "
+                                f"differs between this subject's doses, so it is dose information (like AMT), not "
+                                f"a covariate; {self.name} uses it as a covariate. Use a per-subject column (e.g. "
+                                f"the first dose's value on every record) or drop it from the model")
+            warnings.warn(f"column {name} is non-zero only on dose records and constant within each subject: it is "
+                          f"used as a time-constant covariate (each subject's dose-record value on every record), "
+                          f"not as one that drops to 0 between doses", UserWarning, stacklevel=3)
+        return used
 
     @property
     def needs_doses(self) -> bool:
@@ -401,6 +454,35 @@ class Model:
             eps = torch.randn(f.shape, generator=generator, dtype=f.dtype, device=f.device)
             f = f + torch.sqrt(var) * eps
         return self.error.untransform(f)
+
+
+class _RecordingCovariates(Mapping):
+    """The covariates handed to a ``params=`` function while tracing which columns it reads
+    (:meth:`Model.used_covariates`); enumerating the mapping means "it may read any of them"."""
+
+    def __init__(self, cov: dict[str, torch.Tensor]) -> None:
+        self._cov = cov
+        self.used: set[str] = set()
+        self.enumerated = False
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key in self._cov:
+            self.used.add(key)
+        return self._cov[key]
+
+    def __contains__(self, key: object) -> bool:
+        if key in self._cov:
+            self.used.add(key)  # type: ignore[arg-type]
+            return True
+        return False
+
+    def __iter__(self):
+        self.enumerated = True
+        return iter(self._cov)
+
+    def __len__(self) -> int:
+        self.enumerated = True
+        return len(self._cov)
 
 
 def _py_id(x):

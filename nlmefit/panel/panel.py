@@ -41,6 +41,45 @@ def _py(v: object) -> object:
     return v.item() if isinstance(v, np.generic) else v
 
 
+def _dose_record_columns(raw: np.ndarray, cov: np.ndarray, is_dose: np.ndarray, subj: np.ndarray,
+                         names: Sequence[str], text: set[str], ids: np.ndarray) -> tuple[np.ndarray, dict]:
+    """Make covariate columns that carry a value only on dose records time-constant where that is what they mean.
+
+    A column that is 0 (or missing) on every other record, with at least one 0 there, and non-zero on some dose
+    record (theophylline's ``DOSE_MGKG``, pheno's ``FA1``) would, carried forward, drop to 0 at every observation
+    and look time-varying: a model using it would go to the per-observation path, an ODE model would refuse the
+    data. Where each subject's dose records agree on one value, that value is the subject's covariate on every
+    record (baseline included, even when the first record is a pre-dose observation). Where they differ the column
+    is dose information, not a covariate: it is left as read and flagged. Text columns (level codes) are not
+    touched. ``raw`` holds the values before LOCF (NaN missing), ``cov`` after; both in record order.
+
+    Returns the covariates and ``{column: None | ID of the first subject whose dose records differ}``."""
+    found: dict[str, object] = {}
+    if raw.shape[1] == 0 or not is_dose.any() or is_dose.all():
+        return cov, found
+    off = ~is_dose
+    for k, name in enumerate(names):
+        col = raw[:, k]
+        v_off = col[off]
+        if name in text or not (np.all(np.isnan(v_off) | (v_off == 0)) and np.any(v_off == 0)):
+            continue
+        on = is_dose & ~np.isnan(col)
+        if not np.any(on & (col != 0)):
+            continue
+        lo = np.full(len(ids), np.inf)
+        hi = np.full(len(ids), -np.inf)
+        np.minimum.at(lo, subj[on], col[on])
+        np.maximum.at(hi, subj[on], col[on])
+        differ = np.flatnonzero(hi > lo)
+        if len(differ):
+            found[name] = _py(ids[differ[0]])
+            continue
+        rows = np.isfinite(lo)[subj]
+        cov[rows, k] = lo[subj[rows]]
+        found[name] = None
+    return cov, found
+
+
 @dataclass(eq=False, repr=False)
 class Panel:
     """A NONMEM-style event data set as padded arrays: N subjects × J observations / D doses.
@@ -89,6 +128,10 @@ class Panel:
     has_cmt: bool
     dose_is_record: np.ndarray  # [N, D] bool: True for dose records, False for ADDL-implied doses
     _records: pd.DataFrame = field(default=None)
+    #: covariate columns that are non-zero only on dose records: name -> None where every subject's dose records
+    #: agree (the column was made time-constant), else the ID of the first subject whose dose records differ (the
+    #: column is dose information; a model that uses it refuses the data). See :func:`_dose_record_columns`.
+    dose_record_covariates: dict[str, object] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -114,6 +157,8 @@ class Panel:
         occ = locf(rec.occ[o], s)
         occ = np.nan_to_num(occ, nan=0.0).astype(np.int64)
         cov = locf(rec.cov[o], s) if rec.cov.shape[1] else rec.cov[o]
+        cov, dose_cols = _dose_record_columns(rec.cov[o], cov, is_dose, s, rec.covariate_names,
+                                              set(rec.covariate_levels), rec.ids)
         seq = od.seq
         # ---- doses: records plus ADDL-implied ones (cancelled by a later reset)
         ex = expand_addl(rec.addl[o], rec.ii[o], time, s)
@@ -197,7 +242,7 @@ class Panel:
                    occ_levels=rec.occ_levels if rec.occ_levels is not None else np.zeros(0),
                    n_occasions=int(len(rec.occ_levels)) if rec.occ_levels is not None else 0,
                    excluded_ids=excluded, columns=dict(rec.columns), has_cmt="CMT" in rec.columns,
-                   _records=records, **arrays)
+                   _records=records, dose_record_covariates=dose_cols, **arrays)
 
     # ------------------------------------------------------------------ sizes
     @property

@@ -146,6 +146,30 @@ def unmoved_parameters(pset, p_hat) -> list[str] | None:
     return names
 
 
+def steady_state_note(model, data) -> str | None:
+    """How the data's steady-state dose records (SS=1/2) were applied, for ``FitResult.messages`` (which
+    result.json keeps, so a result read back still says it; the summary prints it as a note). Published reference
+    runs on such sets sometimes dropped the SS column, which turns the SS record into a plain dose and moves the
+    OFV (by about 1 on Oral_1CPT): the note says how to reproduce that. None without SS records."""
+    panel = getattr(data, "panel", None)
+    ss = getattr(panel, "dose_ss", None)
+    if ss is None or not hasattr(data, "events") or not getattr(model, "needs_doses", True):
+        return None
+    rec = np.asarray(panel.dose_mask) & np.asarray(panel.dose_is_record)
+    parts = []
+    for code, how in ((1, "applied as steady state (reset: the state before the dose is the steady state of doses "
+                          "every II)"), (2, "added as steady state to the current state")):
+        sel = rec & (np.asarray(ss) == code)
+        if sel.any():
+            ii = ", ".join(f"{v:g}" for v in np.unique(np.asarray(panel.dose_ii)[sel]))
+            parts.append(f"{int(sel.sum())} SS={code} dose record{'s' if sel.sum() > 1 else ''} {how}, with II from "
+                         f"the data ({ii})")
+    if not parts:
+        return None
+    return ("steady state: " + "; ".join(parts) + ". To reproduce a reference run that ignored them (SS records "
+            "read as plain doses), drop the SS column (docs/data.md, 'Steady-state records')")
+
+
 def build_result(estimator, model, data, p_hat, eta_hat, *, linearisation: Linearisation, n_iter: int,
                  converged: bool, messages: list[str], elapsed: float, seed: int | None,
                  likelihood: LoglikEstimate | None = None, traces: pd.DataFrame | None = None,
@@ -169,6 +193,9 @@ def build_result(estimator, model, data, p_hat, eta_hat, *, linearisation: Linea
         warnings.warn(msg, stacklevel=4)
         messages.append(msg)
         converged = False
+    ss_note = steady_state_note(model, data)
+    if ss_note:
+        messages.append(ss_note)
     likelihoods = {}
     if likelihood is not None:
         m2ll = likelihood.m2ll
