@@ -10,7 +10,9 @@ import pytest
 
 from nlmefit import datasets
 
-NAMES = ["theophylline", "warfarin", "pheno", "wang2007", "oral_1cpt", "bolus_2cpt", "infusion_1cpt"]
+NAMES = ["theophylline", "warfarin", "pheno", "wang2007", "oral_1cpt", "bolus_2cpt", "infusion_1cpt", "bolus_1cpt",
+         "infusion_2cpt", "oral_2cpt", "bolus_1cptmm", "bolus_2cptmm", "infusion_1cptmm", "infusion_2cptmm",
+         "oral_1cptmm", "oral_2cptmm"]
 
 # name -> (rows, subjects, observation records (EVID 0 / all rows when there is no EVID), dose records, columns)
 EXPECTED = {
@@ -24,6 +26,24 @@ EXPECTED = {
                                           "V2", "SS", "II", "SD", "CMT"]),
     "infusion_1cpt": (7920, 120, 6953, 960, ["ID", "TIME", "DV", "LNDV", "MDV", "AMT", "RATE", "EVID", "DOSE", "V",
                                              "CL", "SS", "II", "SD", "CMT"]),
+    "bolus_1cpt": (7920, 120, 6951, 960, ["ID", "TIME", "DV", "LNDV", "MDV", "AMT", "EVID", "DOSE", "V", "CL", "SS",
+                                          "II", "SD", "CMT"]),
+    "infusion_2cpt": (7920, 120, 6960, 960, ["ID", "TIME", "DV", "LNDV", "MDV", "AMT", "RATE", "EVID", "DOSE", "V",
+                                             "CL", "Q", "V2", "SS", "II", "SD", "CMT"]),
+    "oral_2cpt": (7920, 120, 6960, 960, ["ID", "TIME", "DV", "LNDV", "MDV", "AMT", "EVID", "DOSE", "V1", "CL", "Q",
+                                         "V2", "KA", "SS", "II", "SD", "CMT"]),
+    "bolus_1cptmm": (7920, 120, 6950, 960, ["ID", "TIME", "DV", "LNDV", "MDV", "AMT", "EVID", "DOSE", "V", "VM", "KM",
+                                            "SD", "CMT"]),
+    "bolus_2cptmm": (7920, 120, 6960, 960, ["ID", "TIME", "DV", "LNDV", "MDV", "AMT", "EVID", "DOSE", "V", "VM", "KM",
+                                            "Q", "V2", "SD", "CMT"]),
+    "infusion_1cptmm": (7920, 120, 6955, 960, ["ID", "TIME", "DV", "LNDV", "MDV", "AMT", "RATE", "EVID", "DOSE", "V",
+                                               "VM", "KM", "SD", "CMT"]),
+    "infusion_2cptmm": (7920, 120, 6960, 960, ["ID", "TIME", "DV", "LNDV", "MDV", "AMT", "RATE", "EVID", "DOSE", "V",
+                                               "VM", "KM", "Q", "V2", "SD", "CMT"]),
+    "oral_1cptmm": (7920, 120, 6959, 960, ["ID", "TIME", "DV", "LNDV", "MDV", "AMT", "EVID", "DOSE", "V", "VM", "KM",
+                                           "KA", "SD", "CMT"]),
+    "oral_2cptmm": (7920, 120, 6960, 960, ["ID", "TIME", "DV", "LNDV", "MDV", "AMT", "EVID", "DOSE", "V1", "VM", "KM",
+                                           "Q", "V2", "KA", "SD", "CMT"]),
 }
 
 # name -> [(row index, {column: value})] copied from the raw files
@@ -54,9 +74,27 @@ SPOTS = {
     "infusion_1cpt": [(0, {"ID": 1, "AMT": 120000, "RATE": 120000, "EVID": 1, "V": 75.22, "CL": 3.36}),
                       (1, {"TIME": 0.25, "DV": 343.2}),
                       (7919, {"ID": 120, "TIME": 288.0, "DV": 1.7, "CL": 6.04})],
+    "bolus_1cpt": [(0, {"ID": 1, "AMT": 60000.0, "V": 65.14, "CL": 4.07}),
+                   (7919, {"ID": 120, "TIME": 288.0, "DV": 27.7})],
+    "infusion_2cpt": [(0, {"ID": 1, "AMT": 60000.0, "V": 67.2, "CL": 4.0}),
+                      (7919, {"ID": 120, "TIME": 288.0, "DV": 134.2})],
+    "oral_2cpt": [(0, {"ID": 1, "AMT": 60000.0, "V1": 66.56, "CL": 2.59, "KA": 1.047}),
+                  (7919, {"ID": 120, "TIME": 288.0, "DV": 351.9})],
+    "bolus_1cptmm": [(0, {"ID": 1, "AMT": 40000.0, "V": 55.6, "VM": 800.7, "KM": 184.2}),
+                     (7919, {"ID": 120, "TIME": 288.0, "DV": 1321.4})],
+    "bolus_2cptmm": [(0, {"ID": 1, "AMT": 40000.0, "V": 35.54, "VM": 523.5, "KM": 194.9}),
+                     (7919, {"ID": 120, "TIME": 288.0, "DV": 10.3})],
+    "infusion_1cptmm": [(0, {"ID": 1, "AMT": 30000.0, "V": 63.54, "VM": 1058.0, "KM": 275.1}),
+                        (7919, {"ID": 120, "TIME": 288.0, "DV": 423.3})],
+    "infusion_2cptmm": [(0, {"ID": 1, "AMT": 60000.0, "V": 105.2, "VM": 868.0, "KM": 356.2}),
+                        (7919, {"ID": 120, "TIME": 288.0, "DV": 18.2})],
+    "oral_1cptmm": [(0, {"ID": 1, "AMT": 10000.0, "V": 80.95, "VM": 1029.2, "KM": 181.7, "KA": 0.968}),
+                    (7919, {"ID": 120, "TIME": 288.0, "DV": 9.4})],
+    "oral_2cptmm": [(0, {"ID": 1, "AMT": 20000.0, "V1": 94.18, "VM": 606.5, "KM": 249.8, "KA": 0.884}),
+                    (7919, {"ID": 120, "TIME": 288.0, "DV": 1165.6})],
 }
 
-SIMULATED = ["oral_1cpt", "bolus_2cpt", "infusion_1cpt"]
+SIMULATED = ["oral_1cpt", "bolus_2cpt", "infusion_1cpt", "bolus_1cpt", "infusion_2cpt", "oral_2cpt"]
 
 
 def test_names():
@@ -104,6 +142,15 @@ def test_column_sums():
     assert datasets.load("oral_1cpt")["DV"].sum() == pytest.approx(3507718.4)
     assert datasets.load("bolus_2cpt")["DV"].sum() == pytest.approx(4165371.4)
     assert datasets.load("infusion_1cpt")["DV"].sum() == pytest.approx(3823511.6)
+    assert datasets.load("bolus_1cpt")["DV"].sum() == pytest.approx(4297301.7)
+    assert datasets.load("infusion_2cpt")["DV"].sum() == pytest.approx(3799887.7)
+    assert datasets.load("oral_2cpt")["DV"].sum() == pytest.approx(3508168.6)
+    assert datasets.load("bolus_1cptmm")["DV"].sum() == pytest.approx(11067110.3)
+    assert datasets.load("bolus_2cptmm")["DV"].sum() == pytest.approx(6801929.0)
+    assert datasets.load("infusion_1cptmm")["DV"].sum() == pytest.approx(16798799.9)
+    assert datasets.load("infusion_2cptmm")["DV"].sum() == pytest.approx(10267880.2)
+    assert datasets.load("oral_1cptmm")["DV"].sum() == pytest.approx(9802530.6)
+    assert datasets.load("oral_2cptmm")["DV"].sum() == pytest.approx(6404310.0)
     for name in SIMULATED:
         assert datasets.load(name)["AMT"].sum() == 52_800_000
 

@@ -2,7 +2,7 @@
 
 >>> from nlmefit import datasets
 >>> datasets.names()
-['theophylline', 'warfarin', 'pheno', 'wang2007', 'oral_1cpt', 'bolus_2cpt', 'infusion_1cpt']
+['theophylline', 'warfarin', 'pheno', 'wang2007', 'oral_1cpt', 'bolus_2cpt', 'infusion_1cpt', 'bolus_1cpt', ...]
 >>> df = datasets.load("theophylline")        # a fresh DataFrame on every call
 
 The canonical CSVs live in the repository's top-level ``data/`` folder, described (source, licence, units,
@@ -10,10 +10,11 @@ transformations) in ``data/PROVENANCE.md``. A built wheel carries them as ``nlme
 (setup.cfg maps the package ``nlmefit.datasets.files`` to ``data/``); a source checkout or editable install reads
 ``data/`` itself.
 
-``load`` returns the file as stored, with one exception: the simulated ACOP-2016 sets (``oral_1cpt``,
-``bolus_2cpt``, ``infusion_1cpt``) mark the records that are not part of the steady-state block with ``SS = 99``,
-which is not a NONMEM SS value; ``load`` maps it to ``SS = 0``. ``load(name, raw=True)`` keeps ``99`` — use that to
-select the steady-state subset of the validation runs (``df[df.SS != 99]``).
+``load`` returns the file as stored, with one exception: the simulated ACOP-2016 sets with linear elimination
+(``bolus_1cpt``, ``bolus_2cpt``, ``infusion_1cpt``, ``infusion_2cpt``, ``oral_1cpt``, ``oral_2cpt``) mark the
+records that are not part of the steady-state block with ``SS = 99``, which is not a NONMEM SS value; ``load``
+maps it to ``SS = 0``. ``load(name, raw=True)`` keeps ``99`` — use that to select the steady-state subset of the
+validation runs (``df[df.SS != 99]``). The Michaelis–Menten sets (``*_1cptmm``, ``*_2cptmm``) have no SS column.
 """
 from __future__ import annotations
 
@@ -29,14 +30,24 @@ _DATASETS: dict[str, tuple[str, str]] = {
     "warfarin": ("warfarin.csv", "Warfarin PK (DVID cp) and PCA PD (DVID pca), 32 subjects (O'Reilly)"),
     "pheno": ("pheno.csv", "Phenobarbital in 59 neonates, repeated IV doses (Grasela & Donn 1985; pheno_real)"),
     "wang2007": ("wang2007.csv", "Wang (2007) toy data, 10 subjects x 2 observations, no dose records"),
-    "oral_1cpt": ("Oral_1CPT.csv", "Simulated 1-cmt oral, 120 subjects, SD + MD + SS (ACOP 2016 / nlmixr2data)"),
-    "bolus_2cpt": ("Bolus_2CPT.csv", "Simulated 2-cmt IV bolus, 120 subjects, SD + MD + SS (ACOP 2016 / nlmixr2data)"),
-    "infusion_1cpt": ("Infusion_1CPT.csv",
-                      "Simulated 1-cmt 1-h infusion, 120 subjects, SD + MD + SS (ACOP 2016 / nlmixr2data)"),
 }
+# the simulated ACOP 2016 / Schoemaker et al. sets of nlmixr2data (120 subjects each; data/PROVENANCE.md)
+_ACOP_LINEAR = {"oral_1cpt": ("Oral_1CPT", "1-cmt oral"), "bolus_2cpt": ("Bolus_2CPT", "2-cmt IV bolus"),
+                "infusion_1cpt": ("Infusion_1CPT", "1-cmt 1-h infusion"),
+                "bolus_1cpt": ("Bolus_1CPT", "1-cmt IV bolus"),
+                "infusion_2cpt": ("Infusion_2CPT", "2-cmt 1-h infusion"), "oral_2cpt": ("Oral_2CPT", "2-cmt oral")}
+_ACOP_MM = {"bolus_1cptmm": ("Bolus_1CPTMM", "1-cmt IV bolus"), "bolus_2cptmm": ("Bolus_2CPTMM", "2-cmt IV bolus"),
+            "infusion_1cptmm": ("Infusion_1CPTMM", "1-cmt 1-h infusion"),
+            "infusion_2cptmm": ("Infusion_2CPTMM", "2-cmt 1-h infusion"),
+            "oral_1cptmm": ("Oral_1CPTMM", "1-cmt oral"), "oral_2cptmm": ("Oral_2CPTMM", "2-cmt oral")}
+for _n, (_f, _d) in _ACOP_LINEAR.items():
+    _DATASETS[_n] = (f"{_f}.csv", f"Simulated {_d}, 120 subjects, SD + MD + SS (ACOP 2016 / nlmixr2data)")
+for _n, (_f, _d) in _ACOP_MM.items():
+    _DATASETS[_n] = (f"{_f}.csv", f"Simulated {_d}, Michaelis-Menten elimination, 120 subjects, SD + MD (ACOP 2016 "
+                                  f"/ nlmixr2data)")
 
 #: the simulated sets whose SS column uses 99 for "not a steady-state record"
-_SS99 = frozenset({"oral_1cpt", "bolus_2cpt", "infusion_1cpt"})
+_SS99 = frozenset(_ACOP_LINEAR)
 
 _HERE = Path(__file__).resolve().parent
 
