@@ -867,7 +867,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "the summary then gives parameter units (CL in L/h)")
     f.add_argument("--posterior", choices=["gaussian", "maf", "nsf"], default=None,
                    help="VEM posterior family (default gaussian; maf/nsf: normalizing flows)")
-    f.add_argument("--max-steps", type=positive_int, default=None, help="VEM: most gradient steps (default 2000)")
+    f.add_argument("--max-steps", type=positive_int, default=None, help="VEM: most gradient steps (default 2000; 6000 amortized)")
     f.add_argument("--batch-size", type=positive_int, default=None, help="VEM: subjects per mini-batch (all)")
     f.add_argument("--stl", action=argparse.BooleanOptionalAction, default=None,
                    help="VEM: sticking-the-landing gradient estimator (default: on per subject, off amortized)")

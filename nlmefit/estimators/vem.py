@@ -34,7 +34,10 @@ run has reached its plateau when, after ``min_steps`` steps, the means a and b o
 two windows of W = ``window`` steps satisfy |a − b| < ``tol``·(1 + |a|). A plateau at a learning rate > 0 is a
 Monte-Carlo noise floor, so the run then anneals: the learning-rate factor falls from its current value to
 ``lr_final`` by a half cosine over 2W more steps, and the run stops (``converged=True``). Without a plateau it
-stops at ``max_steps`` (``converged=False``, with a warning).
+stops at ``max_steps`` (``converged=False``, with a warning). Defaults: per subject ``min_steps`` 500, ``tol``
+3e-4, ``max_steps`` 2000; amortized 3000, 3e-5, 6000 — with the per-subject rule an amortized run on 1,000
+simulated subjects stopped at step 551 with −2·ELBO 3964 against an IS −2LL of 3752 (the encoder far from
+trained; per-subject VEM: 3756 vs 3744), and on 2,000 subjects σ ended 7 SE from the truth.
 
 After the fit: the reported OFV is an importance-sampling −2LL with the fitted q_i as the proposal
 (``n_is`` draws per subject, Monte-Carlo SE in ``fit.likelihoods["is"]``); the ELBO itself (``n_elbo`` draws,
@@ -175,10 +178,10 @@ class VEM(Estimator):
         batch_size: int | None = None,
         stl: bool | None = None,
         omega_update: str = "auto",
-        max_steps: int = 2000,
-        min_steps: int = 500,
+        max_steps: int | None = None,
+        min_steps: int | None = None,
         window: int = 100,
-        tol: float = 3e-4,
+        tol: float | None = None,
         ema: float = 0.95,
         n_elbo: int = 1000,
         n_is: int = 2000,
@@ -198,6 +201,11 @@ class VEM(Estimator):
     ) -> None:
         if posterior not in FLOW_KINDS:
             raise ModelSpecError(f"vem: posterior must be one of {FLOW_KINDS}, got {posterior!r}")
+        # defaults by family (module docstring, "Convergence"): the amortized ELBO keeps improving slowly while the
+        # shared encoder trains, so its plateau rule is stricter and its budget larger
+        max_steps = (6000 if amortized else 2000) if max_steps is None else max_steps
+        min_steps = (3000 if amortized else 500) if min_steps is None else min_steps
+        tol = (3e-5 if amortized else 3e-4) if tol is None else tol
         if schedule not in SCHEDULES:
             raise ModelSpecError(f"vem: schedule must be one of {SCHEDULES}, got {schedule!r}")
         if omega_update not in OMEGA_UPDATES:

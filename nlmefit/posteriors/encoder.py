@@ -87,7 +87,7 @@ def feature_scales(data) -> dict[str, Tensor]:
     tmax = t.abs().max() if t.numel() else torch.tensor(1.0, **kw)
     amt = events.dose_amt[events.dose_mask].to(torch.float64) if events is not None else torch.ones(1, **kw)
     cov = _covariates(data)
-    sd = cov.std(0) if cov.shape[0] > 1 else torch.ones(cov.shape[1], **kw)
+    sd = cov.std(0) if cov.shape[0] > 1 and cov.shape[1] else torch.ones(cov.shape[1], **kw)
     return {"t": torch.clamp(tmax, min=1e-8), "y_mean": yv.mean(), "y_sd": torch.clamp(yv.std(), min=1e-8)
             if yv.numel() > 1 else torch.tensor(1.0, **kw),
             "y_abs": torch.clamp(yv.abs().median(), min=1e-8),
