@@ -77,19 +77,26 @@ def _vem_row(label: str, model, df, init: dict, device: str, **options) -> dict:
             "converged": bool(res.converged), "warnings": sorted({str(w.message).splitlines()[0] for w in caught})}
 
 
-def _classic_row(label: str, model, df, init: dict, device: str, method: str) -> dict:
+def _classic_row(label: str, model, df, init: dict, device: str, method: str, **options) -> dict:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with timer() as t:
-            res = nlmefit.fit(model, df, method=method, init=init, seed=1, covariance=None, device=device)
+            res = nlmefit.fit(model, df, method=method, init=init, seed=1, covariance=None, device=device, **options)
     return {"method": label, "plateau_s": None, "plateau_step": None, "steps": int(res.n_iter), "s_per_step": None,
             "total_s": t["s"],
             "ofv": float(res.ofv), "m2ll": -2.0 * float(res.loglik), "m2elbo": None, "converged": bool(res.converged),
             "warnings": sorted({str(w.message).splitlines()[0] for w in caught})}
 
 
-def run(sizes: list[int], device: str, posterior: str = "gaussian") -> list[dict]:
-    """Fit every population by each method; print a row each and return the rows."""
+def run(sizes: list[int], device: str, posterior: str = "gaussian", max_steps: int | None = None) -> list[dict]:
+    """Fit every population by each method; print a row each and return the rows. ``max_steps`` is a smoke-test
+    mode: it caps both VEM runs (steps, warm start, 200 draws for the final ELBO/IS) and SAEM (max_steps/2
+    iterations per phase, 200 IS draws); a capped run may stop before its plateau."""
+    cap, saem = {}, {}
+    if max_steps is not None:
+        cap = {"max_steps": max_steps, "min_steps": min(max_steps, 500), "warm_steps": min(max_steps, 500),
+               "n_is": 200, "n_elbo": 200}
+        saem = {"n_explore": max(1, max_steps // 2), "n_smooth": max(1, max_steps // 2), "n_samples": 200}
     cpus = os.cpu_count() or 1
     print(f"# machine: {machine(device)}; device {device}; {cpus} CPUs (load {os.getloadavg()[0]:.2f}); "
           f"VEM posterior={posterior}")
@@ -101,10 +108,10 @@ def run(sizes: list[int], device: str, posterior: str = "gaussian") -> list[dict
         init = _start(truth)
         batch = 200 if n > 200 else None
         results = [_classic_row("FOCE-I", model, df, init, device, "focei"),
-                   _classic_row("SAEM", model, df, init, device, "saem"),
-                   _vem_row(f"VEM per-subject {posterior}", model, df, init, device, posterior=posterior),
+                   _classic_row("SAEM", model, df, init, device, "saem", **saem),
+                   _vem_row(f"VEM per-subject {posterior}", model, df, init, device, posterior=posterior, **cap),
                    _vem_row(f"VEM amortized {posterior}", model, df, init, device, posterior=posterior,
-                            amortized=True, batch_size=batch)]
+                            amortized=True, batch_size=batch, **cap)]
         for r in results:
             r.update({"n_subjects": n, "device": device, "machine": machine(device), "cpu_count": cpus,
                       "torch_threads": torch.get_num_threads(), "peak_rss_mb": peak_rss_mb()})
@@ -124,10 +131,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--quick", action="store_true", help="N = 1000 only")
     ap.add_argument("--posterior", default="gaussian", choices=("gaussian", "maf", "nsf"))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--max-steps", type=int, default=None, help="smoke-test mode: cap VEM and SAEM (see run())")
     ap.add_argument("--out", default=None, help="also write the rows to this JSON file (atomically)")
     args = ap.parse_args(argv)
     sizes = args.sizes if args.sizes is not None else ([1000] if args.quick else [1000, 10000])
-    rows = run(sizes, args.device, args.posterior)
+    rows = run(sizes, args.device, args.posterior, args.max_steps)
     if args.out:
         _write_json({"machine": machine(args.device), "device": args.device, "torch": torch.__version__,
                      "cpu_count": os.cpu_count(), "posterior": args.posterior, "rows": rows}, args.out)
