@@ -123,6 +123,7 @@ PARAMS = [
 ]
 OBS = [0.25, 1.0, 3.0, 12.0, 13.0, 18.0, 30.0]
 FAST = dict(rtol=1e-8, atol=1e-10)  # for the tests whose point is not the last digit
+TIGHT = dict(rtol=1e-10, atol=1e-12)  # the reference solves (the defaults are rxode2's 1e-6 / 1e-8)
 
 
 def regimens(route: str) -> list[dict]:
@@ -160,7 +161,7 @@ def test_linear_vs_expm_and_closed_form(ncmt, oral):
     subjects = regimens("oral") if oral else regimens("bolus") + regimens("infusion")
     plist = [PARAMS[i % 2] for i in range(len(subjects))]
     ev = make_events(subjects)
-    c = solve(ode_models.linear(ncmt, oral), stack_params(plist), ev)  # default tolerances
+    c = solve(ode_models.linear(ncmt, oral), stack_params(plist), ev, **TIGHT)
     ref = reference_linear(ncmt, oral, plist, ev)
     assert rel_err(c[ev.obs_mask], ref[ev.obs_mask.numpy()]) < 1e-6
     _check_closed_form(c, plist, ev, ncmt, oral)
@@ -189,7 +190,7 @@ def test_linear_events_lag_f_models_rates_ss_reset(ncmt):
     plist = [base, dict(PARAMS[1], f=1.0, tlag=0.0, dur=1.5, rate=30.0),
              dict(PARAMS[0], f=0.9, tlag=0.0, dur=1.0, rate=1.0), dict(PARAMS[1], f=1.0, tlag=0.0, dur=1.0, rate=1.0)]
     ev = make_events(complex_subjects())
-    c = solve(ode_models.linear(ncmt, True), stack_params(plist), ev)
+    c = solve(ode_models.linear(ncmt, True), stack_params(plist), ev, **TIGHT)
     ref = reference_linear(ncmt, True, plist, ev)
     m = ev.obs_mask
     assert (c[~m] == 0).all()
@@ -203,12 +204,12 @@ def test_superposition_and_ss_auc():
     t = [0.5, 3.0, 13.0, 20.0]
     d1, d2 = dict(time=0.0, amt=100.0, route=1), dict(time=12.0, amt=100.0, route=1)
     c = solve(sysm, stack_params([PARAMS[0]] * 3),
-              make_events([dict(doses=[d1, d2], obs=t), dict(doses=[d1], obs=t), dict(doses=[d2], obs=t)]))
+              make_events([dict(doses=[d1, d2], obs=t), dict(doses=[d1], obs=t), dict(doses=[d2], obs=t)]), **TIGHT)
     assert rel_err(c[0], c[1] + c[2]) < 1e-8
     nodes, weights = np.polynomial.legendre.leggauss(24)  # the SS profile is smooth on (0, II]
     grid = 6.0 * (nodes + 1)
     c = solve(sysm, stack_params([PARAMS[0]]),
-              make_events([dict(doses=[dict(time=0.0, amt=100.0, route=1, ss=1, ii=12.0)], obs=list(grid))]))
+              make_events([dict(doses=[dict(time=0.0, amt=100.0, route=1, ss=1, ii=12.0)], obs=list(grid))]), **TIGHT)
     auc = float((c[0] * torch.tensor(6.0 * weights)).sum())
     assert abs(auc / (100.0 / PARAMS[0]["cl"]) - 1) < 1e-7
 
@@ -266,7 +267,7 @@ def test_michaelis_menten_lambert_w():
     t = np.array([0.1, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0])
     ev = make_events([dict(doses=[dict(time=0.0, amt=dose)], obs=list(t))] * 3)
     p = dict(vm=torch.tensor(vm), km=torch.tensor(km), v=torch.tensor(v))
-    c = solve(ode_models.michaelis_menten(1, False), p, ev).numpy()
+    c = solve(ode_models.michaelis_menten(1, False), p, ev, **TIGHT).numpy()
     c0 = dose / v[:, None]
     k = km[:, None]
     # km·ln(C/C0) + C − C0 = −(vm/v)·t  ⇒  C = km·W((C0/km)·exp((C0 − vm·t/v)/km))
@@ -303,7 +304,7 @@ def test_transit_one_bateman_and_three_expm():
     rates = [2.0 / mtt, ka, cl / v]
     bateman = sum(math.prod(rates[:2]) * np.exp(-ki * t) / math.prod(kj - ki for kj in rates if kj != ki)
                   for ki in rates)
-    c1 = solve(ode_models.transit(1), p, ev)[0].numpy()
+    c1 = solve(ode_models.transit(1), p, ev, **TIGHT)[0].numpy()
     assert rel_err(c1, dose * bateman / v) < 1e-6
     # n = 3: repeated rates, matrix exponential
     n, ktr = 3, 4.0 / mtt
@@ -313,7 +314,7 @@ def test_transit_one_bateman_and_three_expm():
         a[i + 1, i] = ktr if i < n else ka
     a[n + 1, n + 1] = -cl / v
     ref = np.array([(scipy.linalg.expm(a * ti)[:, 0] * dose)[n + 1] / v for ti in t])
-    c3 = solve(ode_models.transit(3), p, ev)[0].numpy()
+    c3 = solve(ode_models.transit(3), p, ev, **TIGHT)[0].numpy()
     assert rel_err(c3, ref) < 1e-6
 
 
@@ -363,7 +364,7 @@ def _fd_check(system, params, ev, names, h=1e-5):
     """Autograd vs central differences (all subjects perturbed at once: subjects are independent)."""
     p = {k: v.clone().requires_grad_(k in names) for k, v in params.items()}
     w = torch.linspace(0.5, 1.5, ev.obs_time.shape[1], dtype=DT)
-    loss = (solve(system, p, ev) * w).sum(1)
+    loss = (solve(system, p, ev, **TIGHT) * w).sum(1)
     grads = torch.autograd.grad(loss.sum(), [p[k] for k in names])
     for k, g in zip(names, grads):
         assert torch.isfinite(g).all()
@@ -372,7 +373,7 @@ def _fd_check(system, params, ev, names, h=1e-5):
             q = dict(params)
             q[k] = params[k] * (1 + sgn * h)
             with torch.no_grad():
-                vals.append((solve(system, q, ev) * w).sum(1))
+                vals.append((solve(system, q, ev, **TIGHT) * w).sum(1))
         fd = (vals[0] - vals[1]) / (2 * h * params[k])
         torch.testing.assert_close(g, fd, rtol=1e-5, atol=1e-10, msg=lambda m: f"{k}: {m}")
 

@@ -7,6 +7,7 @@ takes per-subject parameters ([N]).
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -15,6 +16,8 @@ import torch
 from nlmefit.errors import ModelSpecError
 from nlmefit.pk.closed_form import concentration
 from nlmefit.pk.events import Events
+from nlmefit.pk.ode import ATOL as ODE_ATOL
+from nlmefit.pk.ode import RTOL as ODE_RTOL
 from nlmefit.pk.ode import solve
 
 __all__ = ["Structure", "ClosedForm", "OdeStructure", "FunctionStructure", "OPTIONAL_PK_PARAMS"]
@@ -59,14 +62,34 @@ class ClosedForm(Structure):
 
 @dataclass(frozen=True)
 class OdeStructure(Structure):
-    """A right-hand side integrated numerically (see :mod:`nlmefit.pk.ode`); per-subject parameters."""
+    """A right-hand side integrated numerically (see :mod:`nlmefit.pk.ode`); per-subject parameters.
+
+    ``rtol``/``atol`` (default rxode2's 1e-6/1e-8, ``atol`` relative to each subject's largest dose; tighten with
+    ``dataclasses.replace(structure, rtol=1e-10, atol=1e-12)`` or :meth:`with_tolerance`), ``sensitivities``
+    (``"forward"``: forward sensitivities and a Taylor surrogate; ``"autograd"``: through the solver steps) and
+    ``stiff`` (``"auto"``, ``True``, ``False``) go to :func:`nlmefit.pk.ode.solve`.
+    """
 
     system: object  # nlmefit.pk.ode.OdeSystem
     label: str
     params_required: tuple[str, ...]
-    rtol: float = 1e-8
-    atol: float = 1e-10
+    rtol: float = ODE_RTOL
+    atol: float = ODE_ATOL
+    sensitivities: str = "forward"
+    stiff: bool | str = "auto"
     per_observation = False
+
+    def __post_init__(self) -> None:
+        if not (0 < self.rtol < 1 and 0 < self.atol < 1):
+            raise ModelSpecError(f"ODE tolerances must lie in (0, 1), got rtol={self.rtol}, atol={self.atol}")
+        if self.sensitivities not in ("forward", "autograd"):
+            raise ModelSpecError(f"sensitivities must be 'forward' or 'autograd', got {self.sensitivities!r}")
+        if self.stiff not in ("auto", True, False):
+            raise ModelSpecError(f"stiff must be 'auto', True or False, got {self.stiff!r}")
+
+    def with_tolerance(self, rtol: float, atol: float | None = None) -> OdeStructure:
+        """The same structure solved at ``rtol`` (and ``atol``, default rtol/100)."""
+        return dataclasses.replace(self, rtol=rtol, atol=rtol / 100 if atol is None else atol)
 
     @property
     def name(self) -> str:
@@ -83,7 +106,7 @@ class OdeStructure(Structure):
     def predict(self, params: Mapping[str, torch.Tensor], events: Events) -> torch.Tensor:
         n = events.n_subjects
         return solve(self.system, {k: v.expand(n, 1)[:, 0] for k, v in params.items()}, events,
-                     rtol=self.rtol, atol=self.atol)
+                     rtol=self.rtol, atol=self.atol, sensitivities=self.sensitivities, stiff=self.stiff)
 
 
 @dataclass(frozen=True)

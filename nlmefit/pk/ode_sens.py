@@ -1,0 +1,103 @@
+"""Forward sensitivities of the ODE path: first and second derivatives of the states with respect to the parameters.
+
+With parameters p (the P per-subject parameters that require grad) the state x(t; p) [N, S] carries
+
+    S_a = ∂x/∂p_a      dS_a/dt = J S_a + ∂f/∂p_a
+    T_ab = ∂²x/∂p_a∂p_b  dT_ab/dt = J T_ab + D²f[(S_a, e_a), (S_b, e_b)]      (a ≤ b: M = P(P+1)/2 of them)
+
+integrated with the state as one system [N, S, K], K = 1 + P + M. The first-order terms are exact (forward-mode AD,
+one pass on a batch of P·N rows). The second directional derivative D²f is a central difference of forward-mode
+directional derivatives, [J(z + h w_b)(w_a + h τ) − J(z − h w_b)(w_a − h τ)]/(2h) with w = (S, e), τ = (T_ab, 0) and
+h = 6e-6·|p_b| (error ~1e-10 relative): nested forward AD (``torch.func.jvp`` twice) is exact but costs ~3.5 ms a
+call against ~0.3 ms for this single-level pass on 2M + P row blocks (measured, 12 subjects, 1-cmt oral MM).
+Second derivatives enter only Hessians (the η-mode search and the FOCE-I Hessian and its θ-derivative), which NONMEM
+and nlmixr2 take by finite differences altogether.
+
+:func:`taylor_surrogate` turns (value, S, T) at p₀ into value + S·(p − p₀) + ½ (p − p₀)ᵀ T (p − p₀) evaluated at
+p = p₀ with p carrying the caller's autograd graph: its value is the solution, its first and second derivatives are
+the sensitivities, so every estimator's autograd (gradients, per-subject Hessians, Jacobians by double-vjp, the
+implicit-function step of FOCE-I) works unchanged, and no backward pass ever runs through the solver's steps. Third
+derivatives are zero: only the exact-Hessian Laplace objective's outer gradient needs them (it differentiates
+log det ∂²l/∂η²); use ``sensitivities="autograd"`` there when the exact gradient matters.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+import torch.autograd.forward_ad as fwAD
+
+__all__ = ["SensLayout", "augmented_rhs", "taylor_surrogate"]
+
+_FD_REL = 6e-6
+
+
+class SensLayout:
+    """Column layout of the augmented state [N, S, K]: value, P first-order and M second-order columns."""
+
+    def __init__(self, names: tuple[str, ...]):
+        self.names = names
+        self.p = len(names)
+        ia, ib = torch.triu_indices(self.p, self.p)
+        self.ia, self.ib = ia.tolist(), ib.tolist()
+        self.m = len(self.ia)
+        self.k = 1 + self.p + self.m
+
+
+def augmented_rhs(rhs: Callable, lay: SensLayout, p: Mapping[str, torch.Tensor], t0: torch.Tensor,
+                  delta: torch.Tensor, u: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """dy/ds [N, S, K] of the augmented system on a segment in rescaled time (``t0 + s·delta``, input ``u``)."""
+    P, M = lay.p, lay.m
+    pv = torch.stack([p[k] for k in lay.names], -1)  # [N, P]
+    n = pv.shape[0]
+    fixed = {k: v for k, v in p.items() if k not in lay.names}
+    nb = P + 2 * M  # row blocks
+    fixed_r = {k: v.repeat(nb) for k, v in fixed.items()}
+    eye = torch.eye(P, dtype=pv.dtype, device=pv.device)
+    ia, ib = lay.ia, lay.ib
+    h = _FD_REL * pv.abs().clamp_min(1e-300)  # [N, P]
+    hb = h[:, ib].T  # [M, N]
+    e_dir = torch.cat([eye, eye[ia], eye[ia]]).repeat_interleave(n, 0)  # tangent in p [nb·N, P]
+    pshift = torch.cat([torch.zeros(P, n, P, dtype=pv.dtype, device=pv.device),
+                        hb[:, :, None] * eye[ib][:, None, :], -hb[:, :, None] * eye[ib][:, None, :]])
+    p_rows = (pv.unsqueeze(0) + pshift).reshape(nb * n, P)
+    p_dict = dict(fixed_r)
+    p_dict.update({k: p_rows[:, i] for i, k in enumerate(lay.names)})
+
+    def f(s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x, sx, tx = y[:, :, 0], y[:, :, 1:1 + P], y[:, :, 1 + P:]  # [N,S], [N,S,P], [N,S,M]
+        sa = sx[:, :, ia].permute(2, 0, 1)  # [M, N, S]
+        sb = sx[:, :, ib].permute(2, 0, 1)
+        tab = tx.permute(2, 0, 1)
+        hbs = hb[:, :, None]
+        x_rows = torch.cat([x.expand(P, *x.shape), x + hbs * sb, x - hbs * sb]).reshape(nb * n, -1)
+        t_rows = torch.cat([sx.permute(2, 0, 1), sa + hbs * tab, sa - hbs * tab]).reshape(nb * n, -1)
+        t = (t0 + s * delta).repeat(nb)
+        with fwAD.dual_level():
+            pd = dict(p_dict)
+            for i, k in enumerate(lay.names):
+                pd[k] = fwAD.make_dual(p_dict[k], e_dir[:, i])
+            out = rhs(t, fwAD.make_dual(x_rows, t_rows), pd)
+            up = fwAD.unpack_dual(out)
+            prim, tan = up.primal, up.tangent
+        if tan is None:
+            tan = torch.zeros_like(prim)
+        prim = prim.reshape(nb, n, -1)
+        tan = tan.reshape(nb, n, -1)
+        fx = prim[0] + u
+        d1 = tan[:P].permute(1, 2, 0)  # [N, S, P]
+        d2 = ((tan[P:P + M] - tan[P + M:]) / (2 * hbs)).permute(1, 2, 0)  # [N, S, M]
+        return delta[:, None, None] * torch.cat([fx.unsqueeze(-1), d1, d2], -1)
+
+    return f
+
+
+def taylor_surrogate(value: torch.Tensor, sens: torch.Tensor, hess: torch.Tensor, lay: SensLayout,
+                     p: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """value [N, J] + S·dp + ½ dpᵀ T dp with dp = p − p.detach() (0 in value, identity in derivative)."""
+    dp = torch.stack([p[k] - p[k].detach() for k in lay.names], -1)[:, None, :]  # [N, 1, P]
+    out = value + (sens * dp).sum(-1)
+    w = torch.tensor([0.5 if a == b else 1.0 for a, b in zip(lay.ia, lay.ib)], dtype=value.dtype,
+                     device=value.device)
+    quad = dp[..., lay.ia] * dp[..., lay.ib] * w
+    return out + (hess * quad).sum(-1)

@@ -1,0 +1,166 @@
+"""Issue 10, items 3–4: the ODE path never raises from the solver, solves stiff systems, carries forward
+sensitivities, and its default (rxode2-like) tolerances give the OFV of a tight solve."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.linalg
+import torch
+from pk_events import make_events
+
+import nlmefit
+from nlmefit.errors import ModelSpecError
+from nlmefit.marginal.linearisation import Conditional
+from nlmefit.pk import ode_models
+from nlmefit.pk.ode import OdeSystem, solve
+
+DT = torch.float64
+TIGHT = dict(rtol=1e-10, atol=1e-12)
+REF = dict(rtol=1e-9, atol=1e-11)
+MM_DATA = "/work/shared/data/nlmixr2data/Bolus_1CPTMM.csv"
+
+
+def _mm_oral_params(requires_grad: bool = False) -> dict:
+    p = dict(vm=[20.0, 40.0, 10.0], km=[2.0, 5.0, 1.0], v=[30.0, 35.0, 25.0], ka=[1.5, 0.8, 2.0])
+    return {k: torch.tensor(v, dtype=DT, requires_grad=requires_grad) for k, v in p.items()}
+
+
+def _derivatives(sens: str, **tol):
+    ev = make_events([dict(doses=[dict(time=0.0, amt=320.0, route=1)], obs=[1.0, 6.0])] * 2)
+    p = {k: v[:2].detach().requires_grad_() for k, v in _mm_oral_params().items()}
+    c = solve(ode_models.michaelis_menten(1, True), p, ev, sensitivities=sens, **tol)
+    y = (c * torch.linspace(0.5, 1.5, 2, dtype=DT)).sum()
+    g = torch.autograd.grad(y, list(p.values()), create_graph=True)
+    h = torch.stack([torch.stack(torch.autograd.grad(gi.sum(), list(p.values()), retain_graph=True)) for gi in g])
+    return c.detach(), torch.stack([gi.detach() for gi in g]), h
+
+
+def _rel(a, b) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def test_forward_sensitivities_match_autograd_to_second_order():
+    """The Taylor surrogate's value, gradient and per-subject Hessian equal autograd through the steps."""
+    c1, g1, h1 = _derivatives("forward", **REF)
+    c2, g2, h2 = _derivatives("autograd", **REF)
+    assert _rel(c1, c2) < 1e-9 and _rel(g1, g2) < 1e-8 and _rel(h1, h2) < 1e-7
+
+
+def test_rosenbrock_on_a_stiff_linear_system_matches_expm():
+    """2-cmt IV with intercompartmental clearance 1e4× the elimination one: eigenvalues −1e4·… and −0.05."""
+    system = ode_models.linear(2, False)
+    prm = dict(cl=1.0, v=10.0, q=2e4, vp=20.0)
+    t_obs = [0.001, 0.01, 0.5, 2.0, 8.0]
+    ev = make_events([dict(doses=[dict(time=0.0, amt=100.0)], obs=t_obs)])
+    p = {k: torch.tensor([v], dtype=DT) for k, v in prm.items()}
+    c = solve(system, p, ev, stiff=True, rtol=1e-8, atol=1e-10)
+    a = np.array([[-(prm["cl"] + prm["q"]) / prm["v"], prm["q"] / prm["vp"]],
+                  [prm["q"] / prm["v"], -prm["q"] / prm["vp"]]])
+    ref = np.array([(scipy.linalg.expm(a * t) @ np.array([100.0, 0.0]))[0] / prm["v"] for t in t_obs])
+    assert np.max(np.abs(c[0].numpy() - ref) / ref) < 1e-5
+
+
+def test_stiff_michaelis_menten_falls_back_and_matches_lambert_w():
+    """vm/km = 1e9: the explicit method's step collapses; the automatic Rosenbrock fallback solves it."""
+    import scipy.special
+
+    system = ode_models.michaelis_menten(1, False)
+    vm, km, v, dose = 1e6, 1e-3, 10.0, 100.0
+    t = np.array([1e-5, 5e-5, 9e-5])
+    ev = make_events([dict(doses=[dict(time=0.0, amt=dose)], obs=list(t))])
+    p = dict(vm=torch.tensor([vm], dtype=DT), km=torch.tensor([km], dtype=DT), v=torch.tensor([v], dtype=DT))
+    c = solve(system, p, ev)[0].numpy()
+    c0 = dose / v
+    arg = np.log(c0 / km) + (c0 - vm / v * t) / km
+    w = np.array([np.real(scipy.special.lambertw(np.exp(a))) if a < 700 else a - np.log(a) for a in arg])
+    for _ in range(3):
+        w = w - (np.log(w) + w - arg) / (1 / w + 1)
+    assert np.max(np.abs(c - km * w) / (km * w)) < 1e-4
+
+
+def test_a_failing_subject_is_nan_and_never_raises():
+    """A pole in the right-hand side (km < 0) or a non-finite parameter: NaN for that subject, the rest solved."""
+    system = ode_models.michaelis_menten(1, False)
+    ev = make_events([dict(doses=[dict(time=0.0, amt=100.0)], obs=[0.5, 2.0])] * 3)
+    p = dict(vm=torch.tensor([20.0, 20.0, float("inf")], dtype=DT), km=torch.tensor([2.0, -2.0, 2.0], dtype=DT),
+             v=torch.tensor([10.0, 10.0, 10.0], dtype=DT))
+    c = solve(system, p, ev)
+    alone = solve(system, {k: v[:1] for k, v in p.items()}, make_events([dict(doses=[dict(time=0.0, amt=100.0)],
+                                                                            obs=[0.5, 2.0])]))
+    assert torch.isfinite(c[0]).all() and torch.isnan(c[2]).all()
+    torch.testing.assert_close(c[0], alone[0], rtol=1e-4, atol=0)  # another solver, same tolerance
+    assert not torch.isfinite(c[1]).all() or (c[1] > 0).all()  # the pole subject is NaN (or, if solved, positive)
+
+
+def test_nan_subject_keeps_other_gradients_finite():
+    system = ode_models.michaelis_menten(1, False)
+    ev = make_events([dict(doses=[dict(time=0.0, amt=100.0)], obs=[0.5, 2.0])] * 2)
+    p = dict(vm=torch.tensor([20.0, float("nan")], dtype=DT, requires_grad=True),
+             km=torch.tensor([2.0, 2.0], dtype=DT, requires_grad=True), v=torch.tensor([10.0, 10.0], dtype=DT))
+    c = solve(system, p, ev)
+    (g,) = torch.autograd.grad(c[0].sum(), p["vm"])
+    assert torch.isfinite(g[0]) and torch.isnan(c[1]).all()
+
+
+def test_structure_options_and_validation():
+    st = nlmefit.library.structure("1cmt_iv_mm")
+    assert (st.rtol, st.atol, st.sensitivities, st.stiff) == (1e-6, 1e-8, "forward", "auto")
+    tight = st.with_tolerance(1e-10)
+    assert (tight.rtol, tight.atol) == (1e-10, 1e-12)
+    with pytest.raises(ModelSpecError):
+        tight.with_tolerance(2.0)
+    with pytest.raises(ModelSpecError):
+        solve(ode_models.linear(1, False), dict(cl=torch.ones(1), v=torch.ones(1)),
+              make_events([dict(doses=[dict(time=0.0, amt=1.0)], obs=[1.0])]), sensitivities="reverse")
+
+
+def _mm_subset(n_subjects: int) -> pd.DataFrame:
+    df = pd.read_csv(MM_DATA)
+    df = df[df.SD == 1]
+    return df[df.ID.isin(df.ID.unique()[:n_subjects])]
+
+
+@pytest.mark.slow
+def test_default_tolerance_focei_ofv_agrees_with_tight_solve():
+    """FOCE-I −2LL on Bolus_1CPTMM (4 subjects, near the truth) at rtol 1e-6 vs 1e-10: within 0.01."""
+    model = nlmefit.library.get("1cmt_iv_mm", error="proportional", theta={"vm": 800.0, "km": 200.0, "v": 50.0},
+                                omega={"vm": 0.09, "km": 0.09, "v": 0.09}, sigma={"prop": 0.2})
+    est = nlmefit.estimators.base.get_estimator("focei")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m, data = est.bind(model, _mm_subset(4), init="model")
+    p = m.parameters.initial(DT, data.y.device)
+    lin = Conditional("focei")
+    eta0 = torch.zeros(data.n_subjects, data.q, dtype=DT)
+
+    def ofv(mm):
+        eta = lin.modes(mm, p, data, eta0)
+        return float(lin.subject_m2ll(mm, p, data, eta).sum().detach())
+
+    tight = type(m).__new__(type(m))
+    tight.__dict__.update(m.__dict__)
+    tight.structure = m.structure.with_tolerance(1e-10, 1e-12)
+    assert abs(ofv(m) - ofv(tight)) < 0.01
+
+
+@pytest.mark.slow
+def test_theophylline_fits_with_the_mm_ode_model():
+    fit = nlmefit.fit(nlmefit.library.get("1cmt_oral_mm"), nlmefit.datasets.load("theophylline"), method="focei",
+                      covariance=None)
+    assert np.isfinite(fit.ofv)
+
+
+def test_ode_system_without_sensitivity_support_still_differentiates():
+    """An event parameter (tlag) with grad sends the solve down the autograd path: gradients still finite."""
+    system = OdeSystem(1, lambda t, x, p: -p["k"][:, None] * x, None, 0, volume="v")
+    ev = make_events([dict(doses=[dict(time=0.0, amt=10.0)], obs=[1.0, 2.0])])
+    p = dict(k=torch.tensor([0.3], dtype=DT, requires_grad=True), v=torch.ones(1, dtype=DT),
+             tlag=torch.tensor([0.2], dtype=DT, requires_grad=True))
+    c = solve(system, p, ev, **TIGHT)
+    gk, gl = torch.autograd.grad(c.sum(), [p["k"], p["tlag"]])
+    t = torch.tensor([0.8, 1.8], dtype=DT)
+    torch.testing.assert_close(gk, (-t * 10 * torch.exp(-0.3 * t)).sum().reshape(1), rtol=1e-7, atol=0)
+    torch.testing.assert_close(gl, (3.0 * torch.exp(-0.3 * t)).sum().reshape(1), rtol=1e-7, atol=0)
