@@ -164,3 +164,85 @@ def test_ode_system_without_sensitivity_support_still_differentiates():
     t = torch.tensor([0.8, 1.8], dtype=DT)
     torch.testing.assert_close(gk, (-t * 10 * torch.exp(-0.3 * t)).sum().reshape(1), rtol=1e-7, atol=0)
     torch.testing.assert_close(gl, (3.0 * torch.exp(-0.3 * t)).sum().reshape(1), rtol=1e-7, atol=0)
+
+
+def test_fit_that_cannot_start_names_subjects_and_initial_values(monkeypatch):
+    """Issue 10 item 3: a non-finite objective at the initial values raises EstimationError naming the
+    subject(s) whose −2LL is not finite and the initial parameter values (here: one subject's ODE solve fails)."""
+    import nlmefit.models.structure as structure
+    from nlmefit.errors import EstimationError
+
+    df = _mm_subset(3)
+    bad_id = df.ID.unique()[1]
+    real = structure.solve
+
+    def failing(system, params, events, **kw):
+        c = real(system, params, events, **kw)
+        row = torch.zeros(c.shape[0], 1, dtype=torch.bool)
+        row[1] = True
+        return torch.where(row & events.obs_mask, torch.full_like(c, float("nan")), c)
+
+    monkeypatch.setattr(structure, "solve", failing)
+    model = nlmefit.library.get("1cmt_iv_mm", error="proportional", theta={"vm": 800.0, "km": 200.0, "v": 50.0})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(EstimationError) as info:
+            nlmefit.fit(model, df, method="focei", covariance=None)
+    msg = str(info.value)
+    assert f"ID {bad_id}" in msg and "initial values" in msg and "vm=800" in msg
+    assert f"{df.ID.unique()[0]}," not in msg.split("ID ", 1)[1].split(";")[0]
+
+
+def test_per_subject_steps_and_the_solve_cache_give_the_fresh_batched_solution():
+    """Steps are per subject, so a subject's solution does not depend on its batch; the cache of the last solve
+    re-solves only the subjects whose parameters changed, and gives what a fresh solve gives."""
+    from nlmefit.pk.ode import clear_cache
+
+    system = ode_models.michaelis_menten(1, True)
+    ev = make_events([dict(doses=[dict(time=0.0, amt=320.0, route=1), dict(time=12.0, amt=160.0, route=1)],
+                           obs=[0.5, 1.0, 6.0, 12.0, 13.0, 24.0])] * 3)
+    p = _mm_oral_params()
+    clear_cache()
+    full = solve(system, p, ev)
+    for i in range(3):
+        one = solve(system, {k: v[i:i + 1] for k, v in p.items()}, ev.index(slice(i, i + 1)))
+        torch.testing.assert_close(one[0], full[i], rtol=1e-13, atol=0)
+    q = {k: v.clone() for k, v in p.items()}
+    q["vm"][1] = 30.0
+    cached = solve(system, q, ev)  # subjects 0 and 2 come from the cache
+    clear_cache()
+    torch.testing.assert_close(cached, solve(system, q, ev), rtol=1e-13, atol=0)
+    torch.testing.assert_close(cached[[0, 2]], full[[0, 2]], rtol=0, atol=0)
+    # forward sensitivities: a cached expansion serves a nearby point through its Taylor surrogate
+    r = {k: v.detach().clone().requires_grad_() for k, v in p.items()}
+    c0 = solve(system, r, ev)
+    r2 = {k: (v.detach() * (1 + 1e-7)).requires_grad_() for k, v in p.items()}
+    c1 = solve(system, r2, ev)
+    g1 = torch.autograd.grad(c1.sum(), list(r2.values()))
+    clear_cache()
+    c2 = solve(system, r2, ev)
+    g2 = torch.autograd.grad(c2.sum(), list(r2.values()))
+    assert _rel(c1.detach(), c2.detach()) < 1e-6 and _rel(c1.detach(), c0.detach()) < 1e-5
+    for a, b in zip(g1, g2):
+        assert _rel(a, b) < 1e-5
+
+
+def test_value_request_near_a_sensitivity_solve_uses_its_taylor_surrogate():
+    """The line search's value-only solves near the last sensitivity solve's point get its surrogate's value:
+    consistent with the Newton step's derivatives, and within the solver tolerance of a fresh solve."""
+    from nlmefit.pk.ode import clear_cache
+
+    system = ode_models.michaelis_menten(1, True)
+    ev = make_events([dict(doses=[dict(time=0.0, amt=320.0, route=1)], obs=[0.5, 2.0, 8.0, 24.0])] * 3)
+    p = {k: v.detach().requires_grad_() for k, v in _mm_oral_params().items()}
+    clear_cache()
+    c0 = solve(system, p, ev)
+    dc = torch.autograd.grad(c0.sum(), p["vm"])[0]
+    with torch.no_grad():
+        near = {k: v.detach() * (1 + 1e-5 if k == "vm" else 1.0) for k, v in p.items()}
+        c1 = solve(system, near, ev)
+        clear_cache()
+        fresh = solve(system, near, ev)
+    step = (c1 - c0.detach()).sum(1)
+    torch.testing.assert_close(step, dc * 1e-5 * p["vm"].detach(), rtol=1e-4, atol=0)  # the local model
+    assert _rel(c1, fresh) < 1e-5

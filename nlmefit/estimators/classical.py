@@ -153,7 +153,8 @@ class ClassicalEstimator(Estimator):
         f0, _ = fun(u0)
         if f0 >= 1e20:
             raise EstimationError(f"{self.name}: the objective is not finite at the initial values; check the "
-                                  f"initial estimates and the data (zero predictions with proportional error?)")
+                                  f"initial estimates and the data (zero predictions with proportional error?)"
+                                  f"{_nonfinite_note(model, p0, mdata, lin, state['eta'])}")
         n_iter = 0
         converged = True
         if len(u0) and self.maxiter > 0:
@@ -172,3 +173,30 @@ class ClassicalEstimator(Estimator):
         return build_result(self, model, mdata, p_hat, eta_hat, linearisation=lin, n_iter=n_iter,
                             converged=converged, messages=messages, elapsed=time.perf_counter() - t0, seed=seed,
                             check_moved=self.maxiter > 0)
+
+
+def _nonfinite_note(model: LatentModel, p0: Params, mdata: ObservationData, lin: Linearisation,
+                    eta: torch.Tensor) -> str:
+    """'; subject(s) ... at theta ...': the (first five) subjects whose −2 log L is not finite at ``p0``."""
+    try:
+        with torch.enable_grad():
+            e = lin.modes(model, p0, mdata, eta)
+            m2 = lin.subject_m2ll(model, p0, mdata, e).detach()
+        bad = np.flatnonzero(~torch.isfinite(m2).cpu().numpy())
+    except Exception:  # noqa: BLE001 - only a diagnostic for the message; the error itself is raised anyway
+        bad = np.arange(0)
+    try:
+        ids = np.asarray(mdata.ids)
+    except Exception:  # noqa: BLE001 - data without a panel: positions instead of IDs
+        ids = np.arange(mdata.n_subjects)
+    parts = []
+    if len(bad):
+        shown = ", ".join(str(ids[i]) for i in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        parts.append(f"non-finite -2LL for subject(s) ID {shown}")
+    vals = {k: float(v.detach().reshape(-1)[0]) for k, v in p0.theta.items() if v.numel() == 1}
+    diag = torch.diagonal(p0.omega, dim1=-2, dim2=-1).detach().reshape(-1).tolist()
+    names = list(getattr(model.parameters, "eta_names", None) or range(len(diag)))
+    vals.update({f"omega_{n}": float(x) for n, x in zip(names, diag)})
+    vals.update({f"sigma_{k}": float(v.detach().reshape(-1)[0]) for k, v in p0.sigma.items() if v.numel() == 1})
+    parts.append("initial values " + ", ".join(f"{k}={v:.6g}" for k, v in vals.items()))
+    return "; " + "; ".join(parts)

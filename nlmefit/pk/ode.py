@@ -9,17 +9,23 @@ Method
 ------
 Every subject's events — dose effects (dose time + ``tlag``), infusion ends, observations and the dose *records*
 that may start a new reset epoch — are sorted into one list per subject (ties as in NONMEM: by the records' ``seq``;
-a lagged dose effect precedes records at its effect time; infusion ends come last) and padded to a common length E
-with zero-length segments. The Python loop runs over the event index k, never over subjects: segment k is integrated
-for all subjects at once in rescaled time s ∈ [0, 1],
+a lagged dose effect precedes records at its effect time; infusion ends come last) and padded to a common length E.
+The events that *act* on the state (a dose, an infusion start or end, a reset) split each subject's time line into
+epochs; the Python loop runs over the epoch index, never over subjects. Epoch e is integrated for all subjects at
+once, from each subject's e-th action to its next one, in rescaled time s ∈ [0, 1],
 
-    dx/ds = Δ_k · (rhs(t_{k-1} + s·Δ_k, x) + u_k),
+    dx/ds = Δ_e · (rhs(t_e + s·Δ_e, x) + u_e),
 
-with Δ_k = t_k − t_{k−1} per subject (0 for padding: no change) and u_k the infusion input rates active on the
-segment. Because the event times enter only through Δ_k and t_{k−1}, gradients with respect to ``tlag``, ``dur`` and
-``rate`` flow through the solver like those of any other parameter. Between segments the bolus doses are added
-(amount · ``f`` into the route's state), infusion rates are switched on and off, reset epochs (EVID 3/4, SS=1) set the
-state to zero, and the central amount is recorded at observation events.
+with Δ_e the subject's epoch length (0 where it has no such epoch: no change) and u_e the infusion input rates
+active on it, by a batched Dormand–Prince 5(4) with a step size *per subject* whose steps land exactly on that
+subject's own observation times inside the epoch (:func:`_dopri5_stops`; no interpolation: each concentration is a
+step's end point, and a step size carries over an observation). A subject's solution therefore does not depend on
+the rest of its batch (batched equals single to rounding). Between epochs the bolus doses are added (amount · ``f``
+into the route's state), infusion rates are switched on and off, and reset epochs (EVID 3/4, SS=1) set the state to
+zero. When gradients must flow through the steps themselves (``sensitivities="autograd"``, or an event parameter
+``f``/``tlag``/``dur``/``rate`` or an SS dose requires grad) the older walk is used instead: one torchdiffeq
+``odeint`` per event segment, Δ_k = t_k − t_{k−1}; because the event times enter only through Δ_k and t_{k−1},
+gradients with respect to ``tlag``, ``dur`` and ``rate`` flow through the solver like those of any other parameter.
 
 Steady state (``dose_ss`` 1: reset the state to the periodic one, 2: add it) needs the periodic pre-dose state x* of
 the interval map Φ: x ↦ state one dosing interval after (x + dose), evaluated by integrating one interval from the
@@ -38,22 +44,21 @@ Michaelis–Menten dose rate above vm) has no steady state: its concentrations a
 A lag time shifts dose effects, not the records: an SS=1 record resets the state at its own time, so an
 observation between the record and the lagged dose sees 0 (as in :mod:`nlmefit.pk.closed_form`).
 
-Why torchdiffeq rather than a hand-written integrator
----------------------------------------------------
-* **Tolerance control.** ``odeint`` with adaptive Dormand–Prince 5(4) (``dopri5``) controls the local error against
-  ``atol + rtol·|x|``; with ``options=dict(norm=max-norm)`` the step is accepted only if *every* state of *every*
-  subject meets the tolerance (the default RMS norm would let one badly resolved subject hide among many easy ones).
-  That is what makes the ODE path agree with the closed forms to 1e-6 relative and better. A fixed-step RK4 would
-  need the step size guessed per problem and gives no error guarantee.
-* **Batched.** The state is one ``[N, S]`` tensor; a step costs the same number of Python operations for 1 or
-  100 000 subjects, and runs on GPU unchanged. The shared step size is driven by the hardest subject, which is the
-  price of batching; zero-length (padding) segments cost nothing.
+Which integrator
+----------------
+* **Own batched dopri5 for the epochs** (:func:`_dopri5_stops`, ~60 lines): the Dormand–Prince 5(4) pair of
+  torchdiffeq's ``dopri5`` with a step size, an error test (max-norm against ``atol + rtol·|x|``) and an accept/reject
+  decision per subject, stepping onto per-subject output times. torchdiffeq's ``odeint`` needs one common 1-D time
+  grid and one step size for the batch, so it must restart at every observation (one ``odeint`` per segment: an
+  initial-step selection and ≥ 1 step per observation interval, ~1.6 ms of Python per step); ``torchode`` has
+  per-sample steps and evaluation times but would be a new dependency for what is one loop here. Its stages are one
+  matrix product each over a stage buffer (~0.5–0.7 ms a step for 120 subjects, plain rhs included).
+* **torchdiffeq** stays for what needs autograd through the steps (above), the steady-state interval map, and other
+  ``method=`` names (``bosh3``, ``tsit5``, ...: each observation interval is then its own ``odeint`` as before, with
+  ``options=dict(norm=max-norm)`` so that every state of every subject meets the tolerance).
 * **Differentiable.** Forward sensitivities by default (below); the ``"autograd"`` mode differentiates through the
   solver's operations (discretise-then-differentiate: the exact gradient of the computed solution). The adjoint
   method would re-integrate backwards (unstable for strongly damped PK systems).
-* **Maintained.** torchdiffeq is the reference ODE library for PyTorch (stable API, used by many packages), offers
-  other adaptive solvers by name (``method=``: ``bosh3``, ``tsit5``, ...); it has no implicit solver, hence the
-  Rosenbrock fallback below.
 
 Tolerances, failures, stiffness, derivatives (issue 10)
 --------------------------------------------------------
@@ -61,9 +66,22 @@ Tolerances, failures, stiffness, derivatives (issue 10)
   relative). ``atol`` is taken relative to each subject's largest dose amount (so the solve does not depend on the
   amount unit; sensitivity columns get atol/|p_a| and atol/|p_a p_b|). Tighten with ``rtol=``/``atol=`` here or
   ``OdeStructure.with_tolerance``; the test suite's reference solves use 1e-10/1e-12.
-* **No exception reaches the caller.** torchdiffeq's errors (``underflow in dt``, the step limit of 500 explicit
-  steps per segment, non-finite states) send the segment — and, sticky, the rest of that solve — to the batched
-  L-stable Rosenbrock 2(3) solver of :mod:`nlmefit.pk.ode_stiff` (per-subject steps, exact state Jacobian by
+* **Error control on the states only** (CVODES' default ``errconS`` off): the sensitivity columns ride along on the
+  steps the states choose. The plain solve (the mode search's line search, without gradients) and the sensitivity
+  solve then take the *same* steps and give the same values to rounding, so the Armijo test compares like with like:
+  with the sensitivities under error control too (different steps, values differing at the 1e-7 level) the line
+  search failed at the end of nearly every mode search and halved 30 times (Bolus_1CPTMM, 20 subjects, 3 outer
+  iterations: 449 → 71 plain solves, 20.4 s → 8.7 s). Derivatives stay within 1e-8 (first) and 1e-7 (second order)
+  of autograd through the steps at rtol 1e-9 (tests/test_ode_robust.py).
+* **Cache of the last solve** (one per kind: plain, sensitivities) keyed on the events *object*, the system and the
+  options: a call re-solves only the subjects whose parameters changed — the mode search's converged subjects and
+  the line search's accepted ones sit still — and a sensitivity solve serves parameters within 1e-6 relative of its
+  expansion point through the Taylor surrogate (remainder O(1e-18)): the FOCE-I −2LL at the modes (η̃ = η̂ − H⁻¹g)
+  costs no solve. :func:`clear_cache` forgets it.
+* **No exception reaches the caller.** A subject whose explicit epoch solve needs more than 500 + 4·(outputs) steps
+  or whose step underflows (non-finite state), or torchdiffeq's errors on the per-segment path (``underflow in dt``,
+  500 steps per segment), goes — alone, and sticky for the rest of that solve — to the batched L-stable Rosenbrock
+  2(3) solver of :mod:`nlmefit.pk.ode_stiff` (per-subject steps, exact state Jacobian by
   forward AD). Subjects that fail there too, or have non-finite parameters, get NaN concentrations while the others
   are solved: the FOCE-I objective is then not finite, the η-mode search stops that subject, and the outer line
   search backs off (the classical estimator maps a non-finite objective to 1e20). ``stiff=True`` uses Rosenbrock
@@ -76,27 +94,47 @@ Tolerances, failures, stiffness, derivatives (issue 10)
   the outer gradient (checked: double-backward through the solve is what the estimators do). Otherwise autograd
   through the steps, as before.
 
-Profile (2 shared cores, OMP_NUM_THREADS=1, float64; FOCE-I at the initial values, ``1cmt_oral_mm``):
+Profile (2 shared cores, load ~2 from other jobs, OMP_NUM_THREADS=1, float64; FOCE-I, covariance=None)
+---------------------------------------------------------------------------------------------------------
+First version (autograd through the steps, rtol 1e-8): one FOCE-I objective + gradient on theophylline
+``1cmt_oral_mm`` took 53.6 s in the η-mode search and 28 s in the −2LL (91 % in autograd backward passes). Forward
+sensitivities (:mod:`nlmefit.pk.ode_sens`, rtol 1e-6) cut that to 14.9 s + 2.2 s, but a whole theophylline fit still
+did not finish in 30 min: each observation interval was its own ``odeint`` (~1.6 ms of Python a step, ≥ 4 steps an
+interval) and the mode search's line search failed on discretisation noise. Bolus_1CPTMM SD, first 20 subjects, 3
+outer iterations (6 objective evaluations, 48 Newton iterations), step by step:
 
-=================================  =====================================  ===================================
-                                   before (autograd, rtol 1e-8)           after (forward sens., rtol 1e-6)
-=================================  =====================================  ===================================
-theophylline (12 subjects)         η-mode search 53.6 s (110 segment      η-mode search 14.9 s; −2LL + grad
-                                   solves); −2LL 19.6 s + backward 8.5 s  2.2 s (solve 1.4 s, backward 0.008 s)
-                                   (91 % of it in autograd backward       OFV 416.05786153 (before
-                                   passes: Jacobians by double vjp,       416.05786144); 117 dopri5 steps per
-                                   Hessian rows); 326 dopri5 steps per    solve, 5.5 ms a step (6 augmented
-                                   solve at ~3 ms a step                  rhs calls at ~0.6 ms)
-Bolus_1CPTMM SD (20 subjects)      η-mode search 52.1 s; −2LL 8.0 s +     see docs/models.md
-                                   backward 3.6 s
-=================================  =====================================  ===================================
+==========================================  ======  ============================================================
+change                                      wall    what moved
+==========================================  ======  ============================================================
+per-segment ``odeint`` (start)              94.7 s  471 plain solves × 135 ms (82 steps), 67 sensitivity
+                                                    solves × 443 ms; mode search 82.5 s, −2LL 6.6 s
+epochs, own dopri5 with per-subject steps   20.4 s  plain 24 ms, sensitivity 132 ms a solve; still 449 plain
+error control on the states only             8.7 s  449 → 71 plain solves (no line-search failures on noise)
+cache of the last solve (changed rows only)  6.2 s  −2LL 223 → 56 ms an evaluation
+==========================================  ======  ============================================================
 
-The first and second directional derivatives of the user's right-hand side come from one single-level
-``torch.autograd.forward_ad`` pass on a batch of (P + 2M)·N rows (0.3 ms; nested ``torch.func.jvp`` + ``vmap`` took
-3.5–4.4 ms a call, plain rhs 0.07 ms). What is left is the per-step Python overhead of the explicit solver over
-many short segments (one ``odeint`` per observation interval). Next: one solve per dose interval with per-subject
-output times and per-subject steps (torchode's design; here the shared max-norm step costs arithmetic, not Python
-calls, so it matters less on CPU than the number of segments).
+Whole fits after all changes (``python -m nlmefit.benchmark.robust --sets bolus_1cpt bolus_1cptmm --no-full``, auto
+start; the value-only line-search solves served by the sensitivity solve's surrogate, the stages as matrix
+products, one dual level per solve):
+
+* **Bolus_1CPTMM SD** (120 subjects, 2280 observations, ``1cmt_iv_mm``): 19.6–22.6 s (two runs of the benchmark;
+  34.8 s before the surrogate served the line search), OFV 20957.257 from both starts; its linear counterpart
+  Bolus_1CPT SD with ``1cmt_iv`` 0.7–0.9 s in the same runs: **ratio 26–28** (the issue asks ≤ 15). Per fit: 27
+  objective evaluations, 131 Newton iterations, 191 sensitivity solves (~72 ms: ~50 steps of 6 augmented-rhs calls
+  at 0.25 ms, 3 parameters → 10 columns a state), 161 value-only calls (36 ms, many served from the caches).
+  −2LL at the estimates, rtol 1e-6 vs 1e-10: 25136.589595 vs 25136.589601 (difference 6e-6).
+* **Theophylline** ``1cmt_oral_mm`` (additive error, package defaults): 67.6 s, converged, OFV 116.803 (vm and km
+  drift to ~1e10 with vm/km ≈ CL: the data carry no saturation). 106 objective evaluations, 274 Newton iterations,
+  492 sensitivity solves at 116 ms (4 parameters → 15 columns, 0.25 ms an augmented-rhs call). −2LL at the
+  estimates, rtol 1e-6 vs 1e-10: difference 8e-6.
+
+What is left: the time is now in the sensitivity solves of the mode search (~70 % of a fit), i.e. in the augmented
+right-hand side (the forward-AD pass on (P + 2M)·N rows, ~0.25 ms of mostly dispatcher overhead a call) and in the
+~50 steps a solve takes — at least one per observation, since steps land on the observation times (the dopri5
+quartic interpolant instead cut the steps by ~2× but its error is not controlled: the objective's noise then broke
+the line search again, 112 → 451 value solves; measured, not kept). The η-mode search uses the exact Hessian
+(:mod:`nlmefit.marginal.modes`), so it needs the second-order sensitivities; a Gauss–Newton Hessian while searching
+would need first order only (P + 1 instead of 1 + P + M columns) but is not this module's decision.
 
 Earlier measurement (tight tolerances): rtol 1e-10 / atol 1e-12 gives the linear 1–3-compartment systems to ~1e-10
 relative against matrix exponentials and closed forms (rtol 1e-8: ~2e-9); ``dopri8`` takes fewer steps but its error
@@ -104,6 +142,7 @@ estimate is unreliable there (1e-7 error at rtol 1e-10), hence ``dopri5``.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable, Mapping
@@ -117,7 +156,7 @@ from nlmefit.pk.events import Events
 from nlmefit.pk.ode_sens import SensLayout, augmented_rhs, taylor_surrogate
 from nlmefit.pk.ode_stiff import full_jacobian_fd, rosenbrock23, state_jacobian
 
-__all__ = ["OdeSystem", "solve", "ADAPTIVE_METHODS", "RTOL", "ATOL"]
+__all__ = ["OdeSystem", "solve", "clear_cache", "ADAPTIVE_METHODS", "RTOL", "ATOL"]
 
 #: torchdiffeq methods with error control (those accept the max-norm option)
 ADAPTIVE_METHODS = frozenset({"dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun", "tsit5"})
@@ -125,6 +164,8 @@ ADAPTIVE_METHODS = frozenset({"dopri5", "dopri8", "bosh3", "fehlberg2", "adaptiv
 _OBS, _REC, _DOSE, _END = 0, 1, 2, 3
 _EVENT_PARAMS = ("f", "tlag", "dur", "rate")
 _MAX_STEPS = 500  # explicit steps per segment before the segment counts as stiff
+#: local error control on the sensitivity columns too (CVODES' errconS); off: on the states only
+_ERRCON_SENS = False
 #: default tolerances (rxode2's rtol 1e-6, atol 1e-8; atol relative to each subject's largest dose amount)
 RTOL, ATOL = 1e-6, 1e-8
 _SS_TOL = 1e-12
@@ -197,6 +238,7 @@ class _Integrator:
         self.options = dict(norm=_maxnorm, max_num_steps=_MAX_STEPS)
         self.n_stiff = 0  # segments that needed the Rosenbrock fallback
         self.n_failed = 0  # subjects set to NaN by a failed solve
+        self.stiff_rows: torch.Tensor | None = None  # subjects sent to Rosenbrock by an earlier epoch
 
     def with_params(self, p: Mapping[str, torch.Tensor], repeat: int) -> _Integrator:
         """The same integrator for ``repeat`` stacked copies of the batch with parameters ``p`` (plain state)."""
@@ -277,6 +319,64 @@ class _Integrator:
             y = torch.where(bad[:, None], torch.full_like(y, math.nan), y)
         return y
 
+    def epoch(self, x, u, t0, delta, t_out, valid) -> tuple[torch.Tensor, torch.Tensor]:
+        """Integrate from ``t0`` over ``delta`` [N] with constant input ``u``, recording the state at the times
+        ``t_out`` [N, M] (sorted per subject where ``valid``). Returns (states at ``t_out`` [N, M, S·K], end state).
+
+        One explicit solve with per-subject steps that land on every subject's own output times
+        (:func:`_dopri5_stops`); where it fails (or ``stiff``), one :meth:`flow` per output interval as before."""
+        n, m = t_out.shape
+        bad = ~torch.isfinite(x).all(1) | self.bad_params
+        if self.stiff is not True and not self.n_stiff and self.method == "dopri5":
+            sticky = self.stiff_rows if self.stiff_rows is not None else torch.zeros_like(bad)
+            xs = torch.where(bad[:, None], torch.zeros_like(x), x)
+            dl = torch.where(bad | sticky, torch.zeros_like(delta), delta).detach()
+            pos = dl > 0
+            s_out = torch.where(pos[:, None], (t_out.detach() - t0.detach()[:, None]) / torch.where(
+                pos, dl, torch.ones_like(dl))[:, None], torch.zeros_like(t_out))
+            end = pos.to(x.dtype)[:, None]
+            s_out = torch.where(valid, s_out.clamp(0.0, 1.0), end)
+            stops = torch.cat([s_out, end], 1)
+            f = self._rhs(t0, dl, u)
+            k = self.k
+
+            def flat(s, y):
+                return f(s, y.reshape(n, -1, k)).reshape(n, -1)
+
+            err_idx = None if (k == 1 or _ERRCON_SENS) else torch.arange(0, self.width, k, device=x.device)
+            try:
+                with getattr(f, "session", contextlib.nullcontext)():
+                    ys, ok = _dopri5_stops(flat, xs, stops, self.rtol, self.atol, err_idx, _MAX_STEPS + 4 * m)
+            except (RuntimeError, ValueError, OverflowError, ZeroDivisionError):  # the user's rhs: stiff path
+                ys = xs[:, None, :].expand(n, m + 1, xs.shape[1]).clone()
+                ok = torch.zeros_like(bad)
+            if bool(bad.any()):
+                self.n_failed = max(self.n_failed, int(bad.sum()))
+                ys = torch.where(bad[:, None, None], torch.full_like(ys, math.nan), ys)
+            redo = (~ok | sticky) & ~bad
+            if bool(redo.any()):  # only these subjects go to the stiff solver (and stay there for this solve)
+                self.stiff_rows = sticky | redo
+                idx = torch.nonzero(redo)[:, 0]
+                atol = self.atol[idx] if torch.is_tensor(self.atol) and self.atol.shape[0] == n else self.atol
+                sub = _Integrator(self.system, {k: v[idx] for k, v in self.p.items()}, self.rtol, atol,
+                                  self.method, self.lay, self.stiff)
+                sub.n_stiff = 1
+                r_ys, r_x = sub.epoch(x[idx], u[idx], t0[idx], delta[idx], t_out[idx], valid[idx])
+                self.n_failed = max(self.n_failed, sub.n_failed)
+                ys = ys.clone()
+                ys[idx, :m] = r_ys
+                ys[idx, m] = r_x
+            return ys[:, :m], ys[:, m]
+        recs = []
+        t_prev = t0
+        for j in range(m):
+            tj = torch.where(valid[:, j], t_out[:, j], t_prev)
+            x = self.flow(x, u, t_prev, tj - t_prev)
+            recs.append(x)
+            t_prev = tj
+        x = self.flow(x, u, t_prev, t0 + delta - t_prev)
+        return (torch.stack(recs, 1) if recs else x.new_zeros(n, 0, x.shape[1])), x
+
     @property
     def bad_params(self) -> torch.Tensor:
         """Subjects with a non-finite parameter (their states are NaN, the others are solved)."""
@@ -287,6 +387,101 @@ class _Integrator:
                 bad = bad.to(v.device) | ~torch.isfinite(v.detach())
             self._bad_params = bad
         return self._bad_params
+
+
+# Dormand–Prince 5(4) (the tableau of torchdiffeq's dopri5 and of Hairer's DOPRI5)
+_DP_A = ((1 / 5,), (3 / 40, 9 / 40), (44 / 45, -56 / 15, 32 / 9),
+         (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
+         (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
+         (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84))
+_DP_C = (1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
+_DP_E = (35 / 384 - 5179 / 57600, 0.0, 500 / 1113 - 7571 / 16695, 125 / 192 - 393 / 640,
+         -2187 / 6784 + 92097 / 339200, 11 / 84 - 187 / 2100, -1 / 40)
+
+
+def _dopri5_stops(f, y0: torch.Tensor, stops: torch.Tensor, rtol: float, atol, err_idx: torch.Tensor | None,
+                  max_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dormand–Prince 5(4) with a step size *per subject*, stepping exactly onto each subject's own output points.
+
+    ``f(s [N], y [N, W])``; ``stops`` [N, M] sorted in [0, 1] (the last one 1). Each subject's step is clipped to
+    land on its next stop (no interpolation: every output is a solver step's end point, as with one solve per
+    segment), and the proposed step size carries over the stop. Local error control per subject in the max-norm
+    over the columns ``err_idx`` (all columns when None) against ``atol + rtol·|y|``. Returns the states at the
+    stops [N, M, W] and ``ok`` [N]: False for a subject that needs more than ``max_steps`` steps or whose step
+    underflows (e.g. a non-finite state); the caller sends those to the stiff solver.
+    """
+    n, w = y0.shape
+    m = stops.shape[1]
+    dt, dev = y0.dtype, y0.device
+    atol_t = torch.as_tensor(atol, dtype=dt, device=dev)
+    if atol_t.dim() == 2 and atol_t.shape[1] > 1 and err_idx is not None:
+        atol_t = atol_t[:, err_idx]
+
+    def sel(v):
+        return v if err_idx is None else v[:, err_idx]
+
+    def err_norm(v, y_a, y_b):
+        sc = atol_t + rtol * torch.maximum(sel(y_a).abs(), sel(y_b).abs())
+        return (sel(v).abs() / sc).amax(1)
+
+    s = torch.zeros(n, dtype=dt, device=dev)
+    y = y0
+    out = y0[:, None, :].expand(n, m, w).clone()
+    recorded = stops <= 0
+    k1 = f(s, y)
+    # initial step (Hairer, Nørsett & Wanner II.4, per subject)
+    sc0 = atol_t + rtol * sel(y).abs()
+    d0 = (sel(y).abs() / sc0).amax(1)
+    d1 = (sel(k1).abs() / sc0).amax(1)
+    h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1.clamp_min(1e-300))
+    h0 = h0.clamp_max(1.0)
+    k2 = f(s + h0, y + h0[:, None] * k1)
+    d2 = (sel(k2 - k1).abs() / sc0).amax(1) / h0
+    dmax = torch.maximum(d1, d2)
+    h1 = torch.where(dmax <= 1e-15, torch.maximum(torch.full_like(h0, 1e-6), h0 * 1e-3),
+                     (0.01 / dmax.clamp_min(1e-300)) ** (1 / 5))
+    h = torch.minimum(100 * h0, h1).clamp_max(1.0)
+    h = torch.where(torch.isfinite(h) & (h > 0), h, torch.full_like(h, 1e-6))
+    done = recorded.all(1)
+    failed = torch.zeros_like(done)
+    kk = torch.empty(7, n, w, dtype=dt, device=dev)
+    a_mat = torch.zeros(6, 6, dtype=dt, device=dev)
+    for i, row in enumerate(_DP_A):
+        a_mat[i, :len(row)] = torch.tensor(row, dtype=dt)
+    e_vec = torch.tensor(_DP_E, dtype=dt, device=dev)
+    for _ in range(max_steps):
+        if bool((done | failed).all()):
+            break
+        nxt = torch.where(recorded, torch.full_like(stops, math.inf), stops).amin(1)
+        clip = s + h >= nxt
+        hs = torch.where(clip, nxt - s, h)
+        done = done | failed  # failed subjects stop where they are
+        hs = torch.where(done, torch.zeros_like(hs), hs)
+        kk[0] = k1
+        hc = hs[:, None]
+        for i in range(6):  # stage i+2 from the stages so far: one matrix product each
+            yi = y + hc * (a_mat[i, :i + 1] @ kk[:i + 1].reshape(i + 1, -1)).reshape(n, w)
+            kk[i + 1] = f(s + _DP_C[i] * hs, yi)
+        y_new = yi  # the last stage is the 5th-order solution (FSAL)
+        err = (e_vec @ kk.reshape(7, -1)).reshape(n, w)
+        ratio = err_norm(hs[:, None] * err, y, y_new)
+        finite = torch.isfinite(y_new).all(1) & torch.isfinite(ratio)
+        accept = (ratio <= 1) & finite & ~done
+        factor = torch.where(ratio == 0, torch.full_like(ratio, 10.0),
+                             (0.9 * ratio.clamp_min(1e-300) ** -0.2).clamp(0.2, 10.0))
+        factor = torch.where(accept, factor.clamp_min(1.0), factor)
+        factor = torch.where(finite, factor, torch.full_like(factor, 0.2))
+        h_next = torch.where(accept, torch.maximum(h, hs) * factor, hs * factor)
+        s = torch.where(accept, torch.where(clip, nxt, s + hs), s)
+        y = torch.where(accept[:, None], y_new, y)
+        k1 = torch.where(accept[:, None], kk[6], k1)
+        h = torch.where(done, h, h_next)
+        failed = failed | (~done & (h <= 1e-14 * s.abs().clamp_min(1.0)))
+        reach = ~recorded & (stops <= s[:, None])
+        out = torch.where(reach[..., None], y[:, None, :], out)
+        recorded = recorded | reach
+        done = recorded.all(1)
+    return out, done & ~failed
 
 
 def _periodic(integ: _Integrator, t0, bolus, rate, dur, ii, active, x_like) -> tuple[torch.Tensor, torch.Tensor]:
@@ -595,18 +790,95 @@ def _run_events(integ: _Integrator, doses: _Doses, sl: _Slots, act: _Actions) ->
     return out, no_ss
 
 
-def _observed(amounts: torch.Tensor, perm: torch.Tensor, p: Mapping[str, torch.Tensor], volume: str,
+def _apply_actions(integ: _Integrator, doses: _Doses, sl: _Slots, act: _Actions, k: int, flags, x, u, no_ss):
+    """Reset, steady-state dose, bolus and rate change at sorted event column ``k`` (``flags``: which occur)."""
+    s_, dtype = integ.system.n_states, x.dtype
+    if flags[1]:
+        rs = act.reset[:, k, None]
+        x = torch.where(rs, torch.zeros_like(x), x)
+        u = torch.where(rs, torch.zeros_like(u), u)
+    if flags[2] or flags[3] or flags[4]:
+        onehot = torch.nn.functional.one_hot(act.state[:, k], s_).to(dtype)
+        if flags[4]:
+            x, ok = _steady_state(integ, doses, act, sl, k, x, onehot)
+            no_ss = no_ss | ~ok
+        if flags[2]:
+            x = x + integ.lift(act.bolus[:, k, None] * onehot)
+        if flags[3]:
+            u = u + integ.lift(act.drate[:, k, None] * onehot)
+    return x, u, no_ss
+
+
+def _run_epochs(integ: _Integrator, doses: _Doses, sl: _Slots, act: _Actions, obs: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The event walk by *epochs*: one solve from each action event (dose, infusion end, reset) to the next,
+    recording the observations (``obs`` [N, E]) inside it at each subject's own times. Returns the recorded
+    amounts [N, E, K] (0 at other events) and the no-steady-state mask."""
+    n, e_n = sl.t.shape
+    dtype, device = sl.t.dtype, sl.t.device
+    action = act.reset | (act.bolus != 0) | (act.drate != 0) | (act.ss > 0)
+    cum = torch.cumsum(action.long(), 1)  # the epoch an event's recorded state belongs to
+    n_act = cum[:, -1] if e_n else torch.zeros(n, dtype=torch.long, device=device)
+    a_max = int(n_act.max()) if n else 0
+    ar = torch.arange(e_n, device=device).expand(n, e_n)
+    big = torch.full_like(ar, e_n)
+    # index of the e-th action event per subject (e = 1..a_max), e_n where none
+    act_idx = [torch.where(action & (cum == e), ar, big).amin(1) for e in range(1, a_max + 1)] if e_n else []
+    x = torch.zeros(n, integ.width, dtype=dtype, device=device)
+    u = torch.zeros_like(x)
+    no_ss = torch.zeros(n, dtype=torch.bool, device=device)
+    amounts = torch.zeros(n, e_n, integ.k, dtype=dtype, device=device)
+    last = torch.full((n,), max(e_n - 1, 0), dtype=torch.long, device=device)
+    for e in range(a_max + 1):
+        if e >= 1:
+            ke = act_idx[e - 1]
+            has = ke < e_n
+            kc = torch.where(has, ke, torch.zeros_like(ke))[:, None]
+            one = _Actions(*(torch.where(has[:, None], torch.gather(a, 1, kc), torch.zeros_like(torch.gather(
+                a, 1, kc))) for a in (act.di, act.reset, act.bolus, act.drate, act.state, act.ss)))
+            sl1 = _Slots(sl.perm, torch.gather(sl.t, 1, kc), sl.delta, sl.valid, sl.kind, sl.index)
+            flags = [False] + torch.stack([one.reset.any(), (one.bolus != 0).any(), (one.drate != 0).any(),
+                                          (one.ss > 0).any()]).tolist()
+            x, u, no_ss = _apply_actions(integ, doses, sl1, one, 0, flags, x, u, no_ss)
+            start = kc[:, 0]
+        else:
+            start = torch.zeros(n, dtype=torch.long, device=device)
+        stop = act_idx[e] if e < a_max else big[:, 0]
+        stop = torch.where(stop < e_n, stop, last)
+        t0 = torch.gather(sl.t, 1, start[:, None])[:, 0]
+        delta = (torch.gather(sl.t, 1, stop[:, None])[:, 0] - t0).clamp_min(0.0)
+        if e >= 1:
+            delta = torch.where(act_idx[e - 1] < e_n, delta, torch.zeros_like(delta))
+        rec = obs & (cum == e)
+        m = int(rec.sum(1).max()) if e_n else 0
+        key = torch.where(rec, ar, big)
+        order = torch.sort(key, 1).indices[:, :m]
+        valid = torch.gather(rec, 1, order)
+        t_out = torch.gather(sl.t, 1, order)
+        ys, x = integ.epoch(x, u, t0, delta, t_out, valid)
+        if m:
+            vals = integ.record(ys.reshape(n * m, -1)).reshape(n, m, integ.k)
+            vals = torch.where(valid[..., None], vals, torch.zeros_like(vals))
+            amounts = amounts.scatter_add(1, torch.where(valid, order, torch.zeros_like(order))[..., None].expand(
+                -1, -1, integ.k), vals)
+    return amounts, no_ss
+
+
+def _at_observations(amounts: torch.Tensor, perm: torch.Tensor, j_obs: int) -> torch.Tensor:
+    """The recorded amounts [N, E, K] at the observations, in observation order [N, J, K]."""
+    inv = torch.argsort(perm, dim=1)[:, :j_obs]  # observations come first in the unsorted event list
+    return torch.gather(amounts, 1, inv[:, :, None].expand(-1, -1, amounts.shape[2]))
+
+
+def _observed(a: torch.Tensor, p: Mapping[str, torch.Tensor], p0: Mapping[str, torch.Tensor] | None, volume: str,
               no_ss: torch.Tensor, obs_mask: torch.Tensor, lay: SensLayout | None) -> torch.Tensor:
     """Concentrations [N, J] in observation order (NaN where no steady state, 0 at padded observations).
 
-    ``amounts`` [N, E, K]: the central amount per event (and its sensitivities with ``lay``)."""
-    j_obs = obs_mask.shape[1]
-    inv = torch.argsort(perm, dim=1)[:, :j_obs]  # observations come first in the unsorted event list
-    a = torch.gather(amounts, 1, inv[:, :, None].expand(-1, -1, amounts.shape[2]))
+    ``a`` [N, J, K]: the central amount at each observation (and its sensitivities at ``p0`` with ``lay``)."""
     if lay is None:
         amount = a[..., 0]
     else:
-        amount = taylor_surrogate(a[..., 0], a[..., 1:1 + lay.p], a[..., 1 + lay.p:], lay, p)
+        amount = taylor_surrogate(a[..., 0], a[..., 1:1 + lay.p], a[..., 1 + lay.p:], lay, p, p0)
     conc = amount / p[volume][:, None]
     if bool(no_ss.any()):
         warnings.warn(f"{int(no_ss.sum())} subject(s) reach no steady state (an accumulation ratio above 1e6 or "
@@ -679,14 +951,111 @@ def solve(
     n, j_obs = ev.obs_time.shape
     p = _per_subject(params, n, dtype, device)
     _check_inputs(system, p, method)
+    has_ss = bool((ev.dose_mask & (ev.dose_ss > 0)).any())
+    lay = _sens_layout(p, sensitivities, has_ss)
+    through_steps = lay is None and torch.is_grad_enabled() and any(v.requires_grad for v in p.values())
+    if through_steps:  # autograd through the steps (event times may carry gradients): one solve per segment
+        a, no_ss = _solve_rows(system, p, ev, rtol, atol, method, stiff, None, dtype, epochs=False)
+        return _observed(a, p, None, system.volume, no_ss, ev.obs_mask, None)
+    key = (system, rtol, atol, method, stiff, None if lay is None else lay.names, tuple(sorted(p)))
+    names = key[-1]
+    pv = torch.stack([p[k].detach() for k in names], 1) if names else torch.zeros(n, 0, dtype=dtype, device=device)
+    hit, p0v, a, no_ss = _cache_lookup(key, ev, pv, lay)
+    if lay is None and not bool(hit.all()):
+        hit, p0v, a, no_ss = _value_from_sensitivities(key, ev, pv, hit, p0v, a, no_ss)
+    if not bool(hit.all()):
+        miss = torch.nonzero(~hit)[:, 0]
+        sub = miss if miss.numel() < n else slice(None)
+        a_m, ss_m = _solve_rows(system, {k: v[sub] for k, v in p.items()}, ev.index(sub) if miss.numel() < n
+                                else ev, rtol, atol, method, stiff, lay, dtype, epochs=True)
+        if a is None:
+            a, no_ss, p0v = a_m, ss_m, pv
+        else:
+            a, no_ss, p0v = a.clone(), no_ss.clone(), p0v.clone()
+            a[miss], no_ss[miss], p0v[miss] = a_m, ss_m, pv[miss]
+        _CACHE[lay is not None] = (key, ev, p0v, a, no_ss)
+    p0 = None if lay is None else {k: p0v[:, i] for i, k in enumerate(names)}
+    return _observed(a, p, p0, system.volume, no_ss, ev.obs_mask, lay)
+
+
+#: the last solve per kind (plain, sensitivities): (key, events, parameter values [N, P], amounts [N, J, K], no_ss)
+_CACHE: dict[bool, tuple] = {}
+#: a subject's cached sensitivity solve serves parameters within this relative distance (Taylor remainder ~ d³)
+_CACHE_REL = 1e-6
+#: a value-only request is served by the last sensitivity solve's Taylor surrogate within this relative distance
+#: (remainder ~ d³ ≈ 1e-12 relative, far below the solver tolerance)
+_VALUE_REL = 1e-4
+
+
+def _cache_lookup(key, ev: Events, pv: torch.Tensor, lay: SensLayout | None):
+    """(rows served [N] bool, their expansion points [N, P], amounts [N, J, K], no_ss [N]) from the last solve of
+    this kind on the same events object: plain solves reuse identical parameter rows; sensitivity solves reuse
+    rows whose differentiated parameters lie within ``_CACHE_REL`` (the Taylor surrogate moves the value and the
+    derivatives there to O(d³)) and whose other parameters are identical."""
+    none = torch.zeros(pv.shape[0], dtype=torch.bool, device=pv.device)
+    entry = _CACHE.get(lay is not None)
+    if entry is None or entry[0] != key or entry[1] is not ev or entry[2].shape != pv.shape:
+        return none, None, None, None
+    _, _, p0v, a, no_ss = entry
+    if lay is None:
+        hit = (pv == p0v).all(1)
+    else:
+        names = key[-1]
+        tol = torch.tensor([_CACHE_REL if k in lay.names else 0.0 for k in names], dtype=pv.dtype,
+                           device=pv.device)
+        hit = ((pv - p0v).abs() <= tol * p0v.abs()).all(1)
+    return hit, p0v, a, no_ss
+
+
+def _value_from_sensitivities(key, ev: Events, pv: torch.Tensor, hit, p0v, a, no_ss):
+    """A plain (value-only) request served from the last sensitivity solve: rows within ``_VALUE_REL`` of its
+    expansion point get the value of its Taylor surrogate. The line search of the η-mode search then sees the same
+    smooth local model whose gradient and Hessian the Newton step used, not a fresh solve whose discretisation noise
+    (~rtol) exceeds the predicted decrease near the mode."""
+    entry = _CACHE.get(True)
+    if entry is None or entry[1] is not ev or entry[0][:5] != key[:5] or entry[0][6] != key[6] \
+            or entry[2].shape != pv.shape:
+        return hit, p0v, a, no_ss
+    names, grad_names = key[6], entry[0][5]
+    s_p0v, s_a, s_no_ss = entry[2], entry[3], entry[4]
+    tol = torch.tensor([_VALUE_REL if k in grad_names else 0.0 for k in names], dtype=pv.dtype, device=pv.device)
+    near = ~hit & ((pv - s_p0v).abs() <= tol * s_p0v.abs()).all(1)
+    if not bool(near.any()):
+        return hit, p0v, a, no_ss
+    lay = SensLayout(grad_names)
+    pcur = {k: pv[:, i] for i, k in enumerate(names)}
+    p0 = {k: s_p0v[:, i] for i, k in enumerate(names)}
+    val = taylor_surrogate(s_a[..., 0], s_a[..., 1:1 + lay.p], s_a[..., 1 + lay.p:], lay, pcur, p0)[..., None]
+    if a is None:
+        a, no_ss, p0v = torch.zeros_like(val), torch.zeros_like(s_no_ss), pv.clone()
+    else:
+        a, no_ss, p0v = a.clone(), no_ss.clone(), p0v.clone()
+    a[near], no_ss[near], p0v[near] = val[near], s_no_ss[near], pv[near]
+    return hit | near, p0v, a, no_ss
+
+
+def clear_cache() -> None:
+    """Forget the cached last solves (they are keyed on the events object, the system and the tolerances)."""
+    _CACHE.clear()
+
+
+def _solve_rows(system: OdeSystem, p: Mapping[str, torch.Tensor], ev: Events, rtol: float, atol: float,
+                method: str, stiff, lay: SensLayout | None, dtype, epochs: bool):
+    """The central amounts (and sensitivities) at the observations [N, J, K] and the no-steady-state mask [N]."""
+    n, j_obs = ev.obs_time.shape
     doses = _dose_inputs(system, p, ev, dtype)
     tlag = p.get("tlag", None)
     sl = _sort_events(*_event_list(ev, doses, tlag, dtype))
     act = _slot_actions(ev, doses, sl, tlag is not None)
-    lay = _sens_layout(p, sensitivities, bool((act.ss > 0).any()))
     p_int = p if lay is None else {k: v.detach() for k, v in p.items()}
     integ = _Integrator(system, p_int, rtol, _tolerance(atol, doses, lay, p, system.n_states), method, lay, stiff)
-    out, no_ss = _run_events(integ, doses, sl, act)
-    if not out:
-        return torch.zeros(n, j_obs, dtype=dtype, device=device)
-    return _observed(torch.stack(out, 1), sl.perm, p, system.volume, no_ss, ev.obs_mask, lay)
+    k = 1 if lay is None else lay.k
+    if sl.t.shape[1] == 0:
+        return (torch.zeros(n, j_obs, k, dtype=dtype, device=ev.obs_time.device),
+                torch.zeros(n, dtype=torch.bool, device=ev.obs_time.device))
+    if epochs:
+        amounts, no_ss = _run_epochs(integ, doses, sl, act, sl.valid & (sl.kind == _OBS))
+    else:
+        out, no_ss = _run_events(integ, doses, sl, act)
+        amounts = torch.stack(out, 1)
+    return _at_observations(amounts, sl.perm, j_obs), no_ss
