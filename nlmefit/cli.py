@@ -379,6 +379,22 @@ def _params_arg(args, model=None) -> dict:
     return values
 
 
+def _init_arg(args, model):
+    """``init`` for nlmefit.fit: --param/--params values win; the others start from automatic values (library
+    models, or --init auto) or the model's own (--init model)."""
+    values = _params_arg(args, model)
+    mode = getattr(args, "init", None)
+    if mode == "model" and values:
+        return model.parameters.params_from_dict(values)
+    if mode == "auto" and values:
+        from nlmefit.models.initial import library_given
+
+        if library_given(model) is None:
+            raise CliError("--init auto with --param/--params works for library models only; for a custom model "
+                           "put those values in the model and use --init auto alone, or use --init model")
+    return values or mode
+
+
 def _check_device(device: str | None) -> None:
     if device and device.startswith("cuda"):
         import torch
@@ -664,7 +680,7 @@ def cmd_fit(args) -> int:
         covariates.setdefault(p, []).append(f)
     model = _load_model(model_name, args.error, dvid, covariates or None, args.omega_block)
     panel = _panel(df, cols, args.sort)
-    init = _params_arg(args, model) or None
+    init = _init_arg(args, model)
     with warnings.catch_warnings():  # model/data mismatches surface here, before the fit (which warns itself)
         warnings.simplefilter("ignore")
         model.prepare(panel, device=args.device, check_likelihood=False)
@@ -743,6 +759,11 @@ def cmd_fit(args) -> int:
         if val:
             source[key] = val
     result = result.replace(source=source)
+    if args.init == "model" and isinstance(init, nlmefit.Params):  # --param values are the user's, the rest the model's
+        given = set(_params_arg(args, model))
+        rec = dict(result.initial)
+        rec["source"] = {k: ("user" if k in given else "model") for k in rec.get("source", {})}
+        result = result.replace(initial=rec)
     result.to_json(out / "result.json")
     _atomic_csv(result.summary().rename_axis("parameter").reset_index(), str(out / "summary.csv"))
     _atomic_csv(result.predictions, str(out / "predictions.csv"))
@@ -867,7 +888,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the summary then gives parameter units (CL in L/h)")
     f.add_argument("--posterior", choices=["gaussian", "maf", "nsf"], default=None,
                    help="VEM posterior family (default gaussian; maf/nsf: normalizing flows)")
-    f.add_argument("--max-steps", type=positive_int, default=None, help="VEM: most gradient steps (default 2000; 6000 amortized)")
+    f.add_argument("--max-steps", type=positive_int, default=None,
+                   help="VEM: most gradient steps (default 2000; 6000 amortized)")
     f.add_argument("--batch-size", type=positive_int, default=None, help="VEM: subjects per mini-batch (all)")
     f.add_argument("--stl", action=argparse.BooleanOptionalAction, default=None,
                    help="VEM: sticking-the-landing gradient estimator (default: on per subject, off amortized)")
@@ -884,6 +906,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--params", help="JSON file of initial values {name: value}")
     f.add_argument("--param", action="append", type=name_value, metavar="NAME=VALUE",
                    help="one initial value (repeatable)")
+    f.add_argument("--init", choices=["auto", "model"], default=None,
+                   help="starting values of the parameters not given by --param: auto (NCA and a naive-pooled fit; "
+                        "the default for library models) or model (the model's own values)")
     _data_options(f, "sort records by ID and TIME instead of rejecting disorder")
     f.add_argument("--out", type=nonempty, default="nlmefit-out", help="output folder")
     f.add_argument("--seed", type=seed_int, default=None)

@@ -23,6 +23,7 @@ import torch
 from nlmefit.errors import ModelSpecError
 from nlmefit.marginal.linearisation import Linearisation
 from nlmefit.models.data import ObservationData
+from nlmefit.models.initial import resolve_initial
 from nlmefit.models.parameters import Params
 from nlmefit.models.protocol import LatentModel, check_latent_model
 
@@ -54,16 +55,16 @@ class Estimator(abc.ABC):
 
     def bind(self, model: LatentModel, data, init: Params | dict | None = None) -> tuple[LatentModel,
                                                                                          ObservationData]:
-        """(model with ``init`` as its initial values, its data on ``self.device``): the first step of every
-        ``fit``. Checks the model's capabilities against ``requires`` before any work."""
+        """(model with its starting values, its data on ``self.device``): the first step of every ``fit``. Checks
+        the model's capabilities against ``requires`` before any work. ``init``: None (automatic starts for the
+        values a library model was not given, the model's own values otherwise), ``"auto"``, ``"model"``, a dict
+        of reporting names (they win; the rest as for None) or Params (see :mod:`nlmefit.models.initial`)."""
         check_latent_model(model, self.requires)
         if isinstance(data, ObservationData):
             mdata = data
         else:
             mdata = model.prepare(data, device=self.device)
-        if init is not None:
-            p_init = init if isinstance(init, Params) else model.parameters.params_from_dict(init)
-            model = model.with_initial(p_init)
+        model = resolve_initial(model, mdata, init)  # None/"auto"/"model"/dict/Params (nlmefit.models.initial)
         return model, mdata
 
     def options(self) -> dict:

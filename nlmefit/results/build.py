@@ -22,6 +22,7 @@ from nlmefit.marginal.approximations import LOG_2PI
 from nlmefit.marginal.importance import LoglikEstimate
 from nlmefit.marginal.laplace import laplace_posterior
 from nlmefit.marginal.linearisation import Linearisation
+from nlmefit.models.initial import initial_record
 from nlmefit.models.protocol import HasIndividualParameters, Linearisable
 from nlmefit.results.covariance import covariance_step
 from nlmefit.results.fit_result import FitResult
@@ -223,5 +224,5 @@ def build_result(estimator, model, data, p_hat, eta_hat, *, linearisation: Linea
         predictions=preds, eta_shrinkage=eta_shr, epsilon_shrinkage=eps_shr, likelihoods=likelihoods,
         traces=traces, phases=dict(phases or {}), acceptance=dict(acceptance or {}), mcmc=mcmc,
         weights={k: v.detach().cpu() for k, v in p_hat.weights.items()}, model=model, data=data,
-        posterior=posterior,
+        posterior=posterior, initial=initial_record(model),
     )

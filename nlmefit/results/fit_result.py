@@ -4,8 +4,9 @@ It never re-runs a fit and is immutable in use: operations that add information 
 ``replace``) return a new FitResult. Typed fields hold what iterative and sampling estimators produce:
 ``traces`` (per-iteration parameter values, with ``phases``), ``likelihoods`` (marginal −2LL evaluations by
 method), ``posterior`` (q(η_i) as a Distribution: Laplace for the classical methods, MCMC draws for SAEM/NUTS),
-``mcmc`` (a sampler's diagnostics table), ``weights`` (tensor-valued parameters, saved beside the JSON as a
-``.pt`` file read back with ``weights_only=True``) and a ``diagnostics`` cache.
+``mcmc`` (a sampler's diagnostics table), ``initial`` (the starting values and where each came from, ``auto
+(NCA)``, ``user`` or ``model``: see :mod:`nlmefit.models.initial`), ``weights`` (tensor-valued parameters, saved
+beside the JSON as a ``.pt`` file read back with ``weights_only=True``) and a ``diagnostics`` cache.
 
 Field names follow what pharmacometricians expect (pharmpy's ``ModelfitResults``:
 ``ofv``, ``parameter_estimates``, ``standard_errors``, ``individual_estimates``, ``predictions``,
@@ -121,6 +122,7 @@ class FitResult:
     mcmc: pd.DataFrame | None = field(default=None, compare=False)  # sampler diagnostics (R-hat, ESS …)
     weights: Mapping[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
     source: Mapping[str, Any] = field(default_factory=dict)  # how the data and model were given (CLI)
+    initial: Mapping[str, Any] = field(default_factory=dict)  # starting values: values, source, method, notes
     model_spec: Mapping[str, Any] = field(default_factory=dict, compare=False)  # saved spec (nlmefit.models.spec)
     model: Any = field(default=None, repr=False, compare=False)
     data: Any = field(default=None, repr=False, compare=False)  # the ModelData fitted (not serialised)
@@ -355,6 +357,7 @@ class FitResult:
             "mcmc": _frame_to_json(self.mcmc),
             "weights": {k: list(v.shape) for k, v in self.weights.items()},
             "source": dict(self.source),
+            "initial": dict(self.initial),
             "model_spec": model_spec_of(self.model) if self.model is not None else (dict(self.model_spec) or None),
         })
 
@@ -408,6 +411,7 @@ class FitResult:
             traces=_traces_from_json(d.get("traces")), phases=dict(d.get("phases") or {}),
             acceptance=dict(d.get("acceptance") or {}), mcmc=_frame_from_json(d.get("mcmc")),
             weights=dict(weights or {}), source=dict(d.get("source") or {}), model=model,
+            initial=dict(d.get("initial") or {}),
             model_spec=spec,
         )
 

@@ -52,7 +52,8 @@ OPTIONAL = {"options": "dict", "fixed": "strlist", "messages": "list", "seed": "
             "model": "str", "eta_names": "strlist", "covariance_ok": "bool", "covariance_kind": "str?",
             "covariance_message": "str", "condition_number": "num?", "eta_shrinkage": "dict?",
             "epsilon_shrinkage": "num?", "likelihoods": "dict?", "phases": "dict?", "acceptance": "dict?",
-            "weights": "dict?", "source": "dict?", "model_spec": "dict?", "se": "dict?"}
+            "weights": "dict?", "source": "dict?", "model_spec": "dict?", "se": "dict?",
+            "initial": "dict?"}
 #: keys holding a table {"columns": [...], "index": [...], "data": [[...], ...]} (or null)
 FRAMES = ("covariance", "individual_estimates", "predictions", "traces", "mcmc")
 

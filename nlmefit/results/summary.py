@@ -36,8 +36,8 @@ from scipy.stats import norm
 
 from nlmefit.results.units import parameter_units
 
-__all__ = ["parameter_table", "summary_text", "status_line", "lognormal_components", "BASE_COLUMNS", "CV_LOGNORMAL",
-           "CV_FIRST_ORDER"]
+__all__ = ["parameter_table", "summary_text", "status_line", "initial_lines", "lognormal_components", "BASE_COLUMNS",
+           "CV_LOGNORMAL", "CV_FIRST_ORDER"]
 
 BASE_COLUMNS = ["estimate", "se", "rse_pct", "ci_low", "ci_high", "fixed"]
 CV_LOGNORMAL = "sqrt(exp(omega2)-1)"
@@ -192,6 +192,24 @@ def status_line(fit) -> str:
     return f"estimation {'successful' if fit.converged else 'NOT successful'} {it}"
 
 
+def initial_lines(fit) -> list[str]:
+    """The summary's line on the starting values, grouped by where they came from (``auto …``, ``user``,
+    ``model``), and the notes of the automatic starts; nothing for a result without that record."""
+    rec = getattr(fit, "initial", None) or {}
+    values, source = rec.get("values") or {}, rec.get("source") or {}
+    if not values:
+        return []
+    groups: dict[str, list[str]] = {}
+    for k, v in values.items():
+        src = str(source.get(k, "model"))
+        label = str(rec.get("method") or src) if src.startswith("auto") else src
+        groups.setdefault(label, []).append(f"{k} {_fmt(v, 3)}")
+    order = sorted(groups, key=lambda g: (not g.startswith("auto"), g != "user", g))
+    out = ["  initial values: " + "; ".join(f"{g}: {', '.join(groups[g])}" for g in order)]
+    out += [f"  initial values note: {n}" for n in (rec.get("notes") or [])[1:]]
+    return out
+
+
 def _fmt(v, decimals: int) -> str:
     if v is None or (isinstance(v, float) and not np.isfinite(v)):
         return "."
@@ -221,6 +239,7 @@ def summary_text(fit, decimals: int = 4) -> str:
         f"   BIC {fit.bic:.{decimals}f}",
         f"  {status_line(fit)}",
         f"  covariance step: {fit.covariance_message or 'not run'}",
+        *initial_lines(fit),
     ]
     for msg in fit.messages:
         lines.append(f"  note: {msg}")
