@@ -308,9 +308,12 @@ class _Integrator:
             atol = self.atol.reshape(n, -1, self.k) if torch.is_tensor(self.atol) and self.atol.shape[1] > 1 \
                 else (self.atol[:, :, None] if torch.is_tensor(self.atol) else self.atol)
             jac = self._jac(t0, delta) if self.lay is None else (lambda s, y, f=f: full_jacobian_fd(f, s, y))
-            y3, ok = rosenbrock23(f, jac, x.reshape(n, -1, self.k), self.rtol, atol)
-            y = y3.reshape(n, -1)
-            bad = bad | ~ok
+            try:
+                y3, ok = rosenbrock23(f, jac, x.reshape(n, -1, self.k), self.rtol, atol)
+                y = y3.reshape(n, -1)
+                bad = bad | ~ok
+            except (RuntimeError, ValueError, OverflowError, ZeroDivisionError):  # e.g. a raising user rhs
+                y, bad = x, torch.ones_like(bad)
         elif y is None:
             bad = torch.ones_like(bad)
             y = x

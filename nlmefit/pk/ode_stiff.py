@@ -102,7 +102,9 @@ def rosenbrock23(
         tdot = (f(s + eps, y) - f0) / eps  # ∂f/∂s (0 for an autonomous system)
         full = J.shape[-1] != y.shape[1]
         W = (eye_full if full else eye) - (hb * _D) * J
-        lu, piv = torch.linalg.lu_factor(W)
+        # a singular W (one subject's h·J with an eigenvalue 1/(h·d)) must not raise: lu_factor_ex reports it in
+        # ``info`` and that subject's stages come out non-finite, so its step is rejected and h shrinks
+        lu, piv, _ = torch.linalg.lu_factor_ex(W, check_errors=False)
 
         def solve(b: torch.Tensor, lu=lu, piv=piv, full=full) -> torch.Tensor:
             if full:
