@@ -66,3 +66,20 @@ def test_ofv_gradient_vanishes_at_the_focei_optimum_only():
         return float(lin.subject_m2ll(model, p, md, lin.modes(model, p, md, zero)).sum().detach())
     fd = (ofv_at(2.8 * math.exp(h)) - ofv_at(2.8 * math.exp(-h))) / (2 * h)
     assert g0["cl"] == pytest.approx(fd, rel=1e-5)
+
+
+def test_fit_result_carries_the_warnings_through_summary_and_json(tmp_path):
+    """A FOCE-I fit told to stop early (gtol 3, in OFV units per unit of log parameter) reports success; its
+    gradient is flagged in fit.warnings, the summary and result.json. The converged fit has no such warning."""
+    model = nlmefit.library.get("1cmt_oral", error="additive")
+    df = nlmefit.datasets.load("theophylline")
+    good = nlmefit.fit(model, df, method="focei", init=THEO_START, covariance=None)
+    assert not any("gradient" in w for w in good.warnings), good.warnings
+    early = nlmefit.fit(model, df, method="focei", init=THEO_START, covariance=None, gtol=3.0)
+    assert early.converged and early.ofv > good.ofv + 1e-3, (early.ofv, good.ofv)
+    assert any("gradient at the estimates is not small" in w for w in early.warnings), early.warnings
+    text = early.summary_text()
+    assert "WARNING: the OFV gradient at the estimates is not small" in text
+    path = tmp_path / "r.json"
+    early.to_json(path)
+    assert nlmefit.FitResult.from_json(path).warnings == early.warnings

@@ -24,6 +24,7 @@ from nlmefit.marginal.laplace import laplace_posterior
 from nlmefit.marginal.linearisation import Linearisation
 from nlmefit.models.initial import initial_record
 from nlmefit.models.protocol import HasIndividualParameters, Linearisable
+from nlmefit.results.checks import ofv_gradient, plausibility_warnings
 from nlmefit.results.covariance import covariance_step
 from nlmefit.results.fit_result import FitResult
 from nlmefit.results.residuals import prediction_table
@@ -212,6 +213,16 @@ def build_result(estimator, model, data, p_hat, eta_hat, *, linearisation: Linea
     if posterior is None:
         posterior = _default_posterior(model, p_hat, data, eta_hat)
     eta_shr, eps_shr = _shrinkage(model, p_hat, data, eta_hat, preds)
+    gradient = None
+    if likelihood is None and check_moved and converged:  # the objective is the OFV: its gradient must vanish
+        try:
+            gradient = ofv_gradient(linearisation, model, data, p_hat, eta_hat)
+        except (RuntimeError, ValueError, EstimationError) as err:  # a diagnostic: say it, never fail the fit
+            messages.append(f"the OFV gradient at the estimates could not be evaluated ({err})")
+    fit_warnings = plausibility_warnings(pset, pd.Series(pset.natural_dict(p_hat), dtype=float),
+                                         eta_shrinkage=eta_shr, gradient=gradient,
+                                         covariance_requested=estimator.covariance is not None,
+                                         covariance_ok=cov_ok, covariance_message=cov_msg)
     return FitResult(
         method=estimator.name, options=estimator.options(), estimates=pd.Series(pset.natural_dict(p_hat),
                                                                                 dtype=float),
@@ -224,5 +235,5 @@ def build_result(estimator, model, data, p_hat, eta_hat, *, linearisation: Linea
         predictions=preds, eta_shrinkage=eta_shr, epsilon_shrinkage=eps_shr, likelihoods=likelihoods,
         traces=traces, phases=dict(phases or {}), acceptance=dict(acceptance or {}), mcmc=mcmc,
         weights={k: v.detach().cpu() for k, v in p_hat.weights.items()}, model=model, data=data,
-        posterior=posterior, initial=initial_record(model),
+        posterior=posterior, initial=initial_record(model), warnings=fit_warnings,
     )

@@ -123,6 +123,7 @@ class FitResult:
     weights: Mapping[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
     source: Mapping[str, Any] = field(default_factory=dict)  # how the data and model were given (CLI)
     initial: Mapping[str, Any] = field(default_factory=dict)  # starting values: values, source, method, notes
+    warnings: list[str] = field(default_factory=list)  # plausibility warnings (nlmefit.results.checks)
     model_spec: Mapping[str, Any] = field(default_factory=dict, compare=False)  # saved spec (nlmefit.models.spec)
     model: Any = field(default=None, repr=False, compare=False)
     data: Any = field(default=None, repr=False, compare=False)  # the ModelData fitted (not serialised)
@@ -358,6 +359,7 @@ class FitResult:
             "weights": {k: list(v.shape) for k, v in self.weights.items()},
             "source": dict(self.source),
             "initial": dict(self.initial),
+            "warnings": list(self.warnings),
             "model_spec": model_spec_of(self.model) if self.model is not None else (dict(self.model_spec) or None),
         })
 
@@ -411,7 +413,7 @@ class FitResult:
             traces=_traces_from_json(d.get("traces")), phases=dict(d.get("phases") or {}),
             acceptance=dict(d.get("acceptance") or {}), mcmc=_frame_from_json(d.get("mcmc")),
             weights=dict(weights or {}), source=dict(d.get("source") or {}), model=model,
-            initial=dict(d.get("initial") or {}),
+            initial=dict(d.get("initial") or {}), warnings=list(d.get("warnings") or []),
             model_spec=spec,
         )
 

@@ -53,7 +53,7 @@ OPTIONAL = {"options": "dict", "fixed": "strlist", "messages": "list", "seed": "
             "covariance_message": "str", "condition_number": "num?", "eta_shrinkage": "dict?",
             "epsilon_shrinkage": "num?", "likelihoods": "dict?", "phases": "dict?", "acceptance": "dict?",
             "weights": "dict?", "source": "dict?", "model_spec": "dict?", "se": "dict?",
-            "initial": "dict?"}
+            "initial": "dict?", "warnings": "list"}
 #: keys holding a table {"columns": [...], "index": [...], "data": [[...], ...]} (or null)
 FRAMES = ("covariance", "individual_estimates", "predictions", "traces", "mcmc")
 

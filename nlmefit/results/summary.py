@@ -241,6 +241,8 @@ def summary_text(fit, decimals: int = 4) -> str:
         f"  covariance step: {fit.covariance_message or 'not run'}",
         *initial_lines(fit),
     ]
+    for msg in getattr(fit, "warnings", None) or []:
+        lines.append(f"  WARNING: {msg}")
     for msg in fit.messages:
         lines.append(f"  note: {msg}")
     ci = {"ci_low": "CI low", "ci_high": "CI high"}
