@@ -171,3 +171,18 @@ def test_vem_from_the_cli(tmp_path, capsys):
     assert abs(d["ofv"] - 118.1) < 1.0
     assert main(["fit", "theophylline", "--method", "focei", "--stl", "--out", str(tmp_path / "x"),
                  "--quiet"]) == 2
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_resume_from_an_incompatible_checkpoint_is_a_clear_error(tmp_path):
+    """A checkpoint whose posterior state does not fit this version's family (e.g. written before the per-subject
+    reference frame: no ``offset``) is refused with the file named, not a torch state-dict traceback."""
+    model, df = _theo()
+    ck = tmp_path / "vem.pt"
+    opts = {**FAST, "max_steps": 10, "min_steps": 10}
+    nlmefit.fit(model, df, method="vem", seed=3, checkpoint=ck, **opts)
+    state = torch.load(ck, weights_only=True)
+    state["family"] = {k: v for k, v in state["family"].items() if k != "offset"}
+    torch.save(state, ck)
+    with pytest.raises(nlmefit.ModelSpecError, match="does not match this version's posterior family"):
+        nlmefit.fit(model, df, method="vem", seed=3, checkpoint=ck, resume=True, **opts)

@@ -527,8 +527,12 @@ class _Run:
         self.k, self.done, self.repairs = int(st["k"]), bool(st["done"]), int(st["repairs"])
         with torch.no_grad():
             self.u.copy_(st["u"])
-        self.family.load_state_dict(st["family"])
-        self.opt.load_state_dict(st["opt"])
+        try:
+            self.family.load_state_dict(st["family"])
+            self.opt.load_state_dict(st["opt"])
+        except (RuntimeError, ValueError, KeyError) as err:  # e.g. written before the per-subject reference frame
+            raise ModelSpecError(f"vem: checkpoint {self.vem.checkpoint} does not match this version's posterior "
+                                 f"family ({str(err).splitlines()[0]}); delete it or fit with resume=False") from None
         self.gen.set_state(st["gen"].cpu())  # generator states are CPU byte tensors on every device
         self.smooth.load(st["smooth"])
         self.rows = [[int(r[0])] + [float(v) for v in r[1:]] for r in st["rows"]]
