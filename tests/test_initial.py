@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -17,10 +16,6 @@ from nlmefit.models.initial import SOURCE_AUTO, auto_initial, initial_record
 from nlmefit.models.structure import ClosedForm
 from nlmefit.nca import COLUMNS, nca
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-if not DATA.exists():  # the repo may live elsewhere; the shared data path is fixed
-    DATA = Path("/work/shared/data")
-needs_data = pytest.mark.skipif(not DATA.exists(), reason="reference data not available")
 BOLUS_2CPT_TRUTH = {"cl": 4.0, "v": 70.0, "q": 4.0, "vp": 50.0}
 
 
@@ -135,11 +130,10 @@ def test_auto_initial_lands_near_the_truth_on_simulated_data(name, theta, dose):
 
 
 def _bolus_2cpt_sd() -> pd.DataFrame:
-    df = pd.read_csv(DATA / "nlmixr2data" / "Bolus_2CPT.csv")
+    df = nlmefit.datasets.load("bolus_2cpt")  # shipped (data/Bolus_2CPT.csv)
     return df[df["SD"] == 1].drop(columns=["SS", "II"])  # SS=99 marks "not steady state" (refused by design)
 
 
-@needs_data
 def test_auto_initial_on_the_bolus_2cpt_benchmark_is_near_the_truth():
     model = nlmefit.library.get("2cmt_iv", error="proportional")
     values, notes = auto_initial(model, _bolus_2cpt_sd())
@@ -148,7 +142,6 @@ def test_auto_initial_on_the_bolus_2cpt_benchmark_is_near_the_truth():
     assert "naive-pooled fit of 2cmt_iv" in notes[0]
 
 
-@needs_data
 @pytest.mark.slow
 def test_focei_from_auto_starts_reaches_the_optimum_of_the_true_starts_on_bolus_2cpt():
     df = _bolus_2cpt_sd()

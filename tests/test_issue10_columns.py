@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -25,9 +24,6 @@ from nlmefit.marginal.linearisation import Conditional
 from nlmefit.models.examples import pheno_real
 from nlmefit.panel import Panel
 from nlmefit.results import FitResult
-
-NLMIXR2 = Path("/work/shared/data/nlmixr2data")
-needs_nlmixr2 = pytest.mark.skipif(not (NLMIXR2 / "Bolus_1CPTMM.csv").exists(), reason="nlmixr2 data not available")
 
 
 @pytest.fixture(scope="module")
@@ -94,9 +90,8 @@ def test_per_subject_and_per_observation_paths_agree(theo):
     torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
 
 
-@needs_nlmixr2
 def test_nlmixr2_mm_set_as_shipped_binds_to_an_ode_model():
-    df = pd.read_csv(NLMIXR2 / "Bolus_1CPTMM.csv")  # LNDV, DOSE, V, VM, KM, SD: none used by the model
+    df = nlmefit.datasets.load("bolus_1cptmm")  # as shipped: LNDV, DOSE, V, VM, KM, SD: none used by the model
     df = df[df["SD"] == 1]
     df = df[df["ID"].isin(df["ID"].unique()[:10])]
     model = nlmefit.library.get("1cmt_iv_mm", theta={"vm": 800.0, "km": 200.0, "v": 50.0})

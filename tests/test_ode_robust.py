@@ -20,7 +20,6 @@ from nlmefit.pk.ode import OdeSystem, solve
 DT = torch.float64
 TIGHT = dict(rtol=1e-10, atol=1e-12)
 REF = dict(rtol=1e-9, atol=1e-11)
-MM_DATA = "/work/shared/data/nlmixr2data/Bolus_1CPTMM.csv"
 
 
 def _mm_oral_params(requires_grad: bool = False) -> dict:
@@ -118,7 +117,7 @@ def test_structure_options_and_validation():
 
 
 def _mm_subset(n_subjects: int) -> pd.DataFrame:
-    df = pd.read_csv(MM_DATA)
+    df = nlmefit.datasets.load("bolus_1cptmm")
     df = df[df.SD == 1]
     return df[df.ID.isin(df.ID.unique()[:n_subjects])]
 
