@@ -165,3 +165,16 @@ def test_baseline_boundary_errors():
             raise ModelSpecError("cuda available")
     with pytest.raises(ModelSpecError, match="lr must be positive"):
         Trainer(lr=0)
+
+
+def test_restore_best_false_keeps_the_final_state():
+    y = np.random.default_rng(3).standard_normal((64, 2)) + 1.0
+    z = (torch.as_tensor(y, dtype=torch.float32),)
+    torch.manual_seed(0)
+    a = _Gauss(2)
+    hist = Trainer(max_epochs=5, lr=2.0, patience=None, batch_size=64, restore_best=False).fit(a, z)
+    torch.manual_seed(0)
+    b = _Gauss(2)
+    Trainer(max_epochs=5, lr=2.0, patience=None, batch_size=64).fit(b, z)
+    assert len(hist.epochs) == 5 and hist.best_epoch == 0  # lr 2 overshoots: the first epoch is the best
+    assert not torch.allclose(a.m, b.m)  # b restored epoch 0; a kept epoch 4

@@ -14,7 +14,11 @@ An *objective* is an ``nn.Module`` that says what to optimise and how:
 :class:`Trainer` shuffles with its own seeded generator, evaluates the validation loss (mean over validation
 batches, with a fixed seed so epochs are comparable) after every epoch, keeps the best state, stops after
 ``patience`` epochs without an improvement larger than ``min_delta`` (or at ``max_epochs`` / ``max_time_s``) and
-restores the best state. Without validation data the training loss of the epoch is the criterion.
+restores the best state. Without validation data the training loss of the epoch is the criterion. An objective
+with no meaningful criterion (WGAN-GP: its losses are measured by a critic that keeps changing) trains with
+``restore_best=False`` and ``patience=None``: a fixed number of epochs, the final state kept.
+:func:`holdout` splits a seeded fraction of the training subjects off for early stopping when a baseline is
+given no validation subjects.
 ``checkpoint=path`` writes model, optimisers, generator and history after every epoch (atomically, loaded with
 ``weights_only=True``); ``resume=True`` continues from it.
 """
@@ -34,7 +38,7 @@ from tqdm import tqdm
 
 from nlmefit.errors import EstimationError, ModelSpecError
 
-__all__ = ["Phase", "Trainer", "TrainHistory"]
+__all__ = ["Phase", "Trainer", "TrainHistory", "holdout"]
 
 
 @dataclass
@@ -66,13 +70,13 @@ class Trainer:
 
     Parameters: ``max_epochs``, ``batch_size``, ``lr``, ``weight_decay``, ``patience`` (None: no early stop),
     ``min_delta``, ``grad_clip`` (max gradient norm, None: off), ``max_time_s``, ``seed``, ``checkpoint``,
-    ``resume``, ``progress`` (tqdm bar over epochs).
+    ``resume``, ``progress`` (tqdm bar over epochs), ``restore_best`` (False: keep the final state).
     """
 
     def __init__(self, *, max_epochs: int = 200, batch_size: int = 128, lr: float = 1e-3, weight_decay: float = 0.0,
                  patience: int | None = 20, min_delta: float = 0.0, grad_clip: float | None = None,
                  max_time_s: float | None = None, seed: int = 0, checkpoint: str | os.PathLike | None = None,
-                 resume: bool = False, progress: bool = False):
+                 resume: bool = False, progress: bool = False, restore_best: bool = True):
         if max_epochs < 1 or batch_size < 1:
             raise ModelSpecError("max_epochs and batch_size must be positive")
         if lr <= 0:
@@ -81,7 +85,7 @@ class Trainer:
         self.weight_decay, self.patience, self.min_delta = float(weight_decay), patience, float(min_delta)
         self.grad_clip, self.max_time_s, self.seed = grad_clip, max_time_s, int(seed)
         self.checkpoint = None if checkpoint is None else Path(checkpoint)
-        self.resume, self.progress = bool(resume), bool(progress)
+        self.resume, self.progress, self.restore_best = bool(resume), bool(progress), bool(restore_best)
 
     # ------------------------------------------------------------------ the loop
     def fit(self, objective: nn.Module, train: tuple[torch.Tensor, ...],
@@ -126,7 +130,8 @@ class Trainer:
             bar.set_postfix(train=f"{train_loss:.4g}", valid=f"{val:.4g}")
             if val < hist.best_loss - self.min_delta:
                 hist.best_loss, hist.best_epoch, bad = val, epoch, 0
-                best_state = copy.deepcopy(objective.state_dict())
+                if self.restore_best:
+                    best_state = copy.deepcopy(objective.state_dict())
             else:
                 bad += 1
             if self.checkpoint is not None:
@@ -183,3 +188,15 @@ class Trainer:
         hist = TrainHistory(epochs=list(st["epochs"]), best_epoch=int(st["best_epoch"]),
                             best_loss=float(st["best_loss"]))
         return int(st["epoch"]), hist, st["best_state"], int(st["bad"])
+
+
+def holdout(train: tuple[torch.Tensor, ...], valid: tuple[torch.Tensor, ...] | None, fraction: float,
+            seed: int) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...] | None]:
+    """(train, valid) tensors for the trainer: ``valid`` as given, else — when ``fraction`` > 0 and at least 10
+    subjects — a seeded random ``fraction`` of the training subjects held out for early stopping."""
+    n = int(train[0].shape[0])
+    k = int(round(fraction * n))
+    if valid is not None or fraction <= 0.0 or n < 10 or k < 1:
+        return train, valid
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7)).to(train[0].device)
+    return tuple(t[perm[k:]] for t in train), tuple(t[perm[:k]] for t in train)
