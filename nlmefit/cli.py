@@ -811,7 +811,7 @@ def _threads_option(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="nlmefit", description="Nonlinear mixed-effects modelling from NONMEM-style data "
                                              "(reference: docs/cli.md)")
-    sub = ap.add_subparsers(dest="command", required=True, metavar="{validate,fit,diagnose,simulate}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{validate,fit,diagnose,simulate,bench}")
     v = sub.add_parser("validate", help="check a dataset and print its summary")
     v.add_argument("data", help="CSV file or shipped dataset name")
     _data_options(v, "sort records by ID and TIME instead of rejecting disorder")
@@ -917,7 +917,20 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--quiet", action="store_true", help="no progress bar")
     _threads_option(f)
     f.set_defaults(func=cmd_fit)
+
+    from nlmefit.benchmark.generative import add_arguments as bench_arguments
+
+    b = sub.add_parser("bench", help="NLME against deep generative baselines (PPCA, VAE, DDPM, EBM, GAN, NF, flow "
+                                     "matching) on a simulated population, with unseen regimens")
+    bench_arguments(b)
+    b.set_defaults(func=cmd_bench)
     return ap
+
+
+def cmd_bench(args) -> int:
+    from nlmefit.benchmark.generative import run_from_args
+
+    return run_from_args(args)
 
 
 # ---------------------------------------------------------------------- errors as one line

@@ -29,4 +29,4 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
 def test_there_are_notebooks():
     assert {p.stem for p in NOTEBOOKS} >= {"01_data_and_models", "02_fit_theophylline_pheno",
                                            "03_em_and_exact_likelihood", "04_diagnostics_and_regimens",
-                                           "05_variational"}
+                                           "05_variational", "06_benchmark_vs_generative"}
