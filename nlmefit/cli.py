@@ -929,8 +929,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_bench(args) -> int:
     from nlmefit.benchmark.generative import run_from_args
+    from nlmefit.benchmark.generative_data import bench_from_data
 
-    return run_from_args(args)
+    if args.data is None:
+        if args.model or args.where or args.unseen_dose is not None:
+            raise CliError("--model, --where and --unseen-dose apply to --data")
+        return run_from_args(args)
+    if not args.model:
+        raise CliError("--data needs --model (the NLME library model to fit, e.g. --model 1cmt_oral)")
+    if not 0.0 < args.test_fraction < 1.0:
+        raise CliError(f"--test-fraction must be in (0, 1), got {args.test_fraction}")
+    df, name = _read_data(args.data, where=args.where)
+    model = _load_model(args.model, args.error)
+    bench = bench_from_data(df, model, name=name, test_fraction=args.test_fraction, unseen_dose=args.unseen_dose,
+                            seed=args.seed)
+    return run_from_args(args, bench)
 
 
 # ---------------------------------------------------------------------- errors as one line

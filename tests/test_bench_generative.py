@@ -64,6 +64,27 @@ def test_cli_bad_arguments(capsys):
     assert "unknown model" in capsys.readouterr().err
 
 
+def test_bench_on_a_data_set_with_a_dose_level_held_out(tmp_path, capsys):
+    """The nlmixr2 Oral_1CPT single-dose subjects (four dose levels on one sampling design): 120 mg is held out of
+    training; NLME predicts it through its mechanism, the flow (dose as input) has never seen that context."""
+    rc = main(["bench", "--data", "oral_1cpt", "--where", "SD == 1", "--model", "1cmt_oral", "--unseen-dose",
+               "120000", "--quick", "--samples", "150", "--models", "nlme_focei,ppca,nf", "--out", str(tmp_path)])
+    assert rc == 0
+    table = pd.read_csv(tmp_path / "table.csv").set_index(["MODEL", "REGIMEN"])
+    unseen = "dose 120000 (held out of training)"
+    assert "not applicable" in table.loc[("ppca", unseen), "NOTE"]
+    assert table.loc[("nlme_focei", unseen), "COVERAGE_MAE"] < 0.1
+    assert table.loc[("nf", unseen), "COVERAGE_MAE"] > table.loc[("nlme_focei", unseen), "COVERAGE_MAE"]
+    assert "incomplete subjects dropped" in capsys.readouterr().out
+    assert main(["bench", "--data", "oral_1cpt", "--no-unseen"]) == 2
+    assert "--data needs --model" in capsys.readouterr().err
+    assert main(["bench", "--model", "1cmt_oral"]) == 2
+    assert "apply to --data" in capsys.readouterr().err
+    assert main(["bench", "--data", "oral_1cpt", "--where", "SD == 1", "--model", "1cmt_oral",
+                 "--unseen-dose", "5"]) == 2
+    assert "no subject's first dose" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_full_benchmark_acceptance_run(tmp_path):
     """The issue's acceptance command: 500 training / 200 held-out subjects, every model (≤ 10 min on 2 cores)."""

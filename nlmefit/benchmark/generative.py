@@ -15,7 +15,13 @@ NLME predicts an unseen regimen through its mechanism (same θ, new doses). A ba
 context as an input (``conditional``) is asked with the new regimen's context; the others get "not applicable".
 
 NLME models: FOCE-I (``nlme_focei``) and per-subject flow VEM (``nlme_vem``, NSF posteriors, started from the
-FOCE-I estimates), both with the simulator's structural model and covariate effects, automatic initial values.
+FOCE-I estimates), both with the simulator's structural model and covariate effects (or the model given for a
+data set), automatic initial values.
+
+Data sets: :func:`~nlmefit.benchmark.generative_data.bench_from_data` (``nlmefit bench --data DATA --model M``)
+splits a data set on a common design by subject; with ``--unseen-dose AMT`` the subjects of one dose level are
+held out of training and form the unseen-regimen rows (e.g. the nlmixr2 benchmark sets' 120 mg group after
+training on 10–60 mg).
 """
 from __future__ import annotations
 
@@ -99,13 +105,12 @@ class _Nlme:
     kind = "estimate"
     conditional = True
 
-    def __init__(self, name: str, structure: str, method: str, *, quick: bool, device, seed: int, start=None):
-        self.name, self.structure, self.method = name, structure, method
+    def __init__(self, name: str, model: nlmefit.Model, method: str, *, quick: bool, device, seed: int, start=None):
+        self.name, self.model, self.method = name, model, method
         self.quick, self.device, self.seed, self.start = quick, device, seed, start
 
     def fit(self, train: pd.DataFrame):
-        s = SIMULATORS[self.structure]
-        model = nlmefit.library.get(self.structure, error="proportional", covariates=s["covariates"])
+        model = self.model
         t0 = time.perf_counter()
         if self.method == "focei":
             self.result = nlmefit.fit(model, train, method="focei", covariance=None, device=self.device)
@@ -145,7 +150,7 @@ def run_benchmark(bench: BenchData, *, models=MODELS, n_samples: int = 1000, qui
         raise ModelSpecError(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
     t_start = time.perf_counter()
     times = np.asarray(bench.times, dtype=float)
-    train_view = PanelView.from_panel(bench.train, times=times)
+    train_view = PanelView.from_panel(bench.train, times=times, common_regimen=False)
     frames = {HELD_OUT: bench.test, **bench.unseen}
     views = {k: PanelView.from_panel(f, times=times, common_regimen=False) for k, f in frames.items()}
     dev = "cpu" if device is None else str(device)
@@ -164,7 +169,7 @@ def run_benchmark(bench: BenchData, *, models=MODELS, n_samples: int = 1000, qui
             print(f"bench: fitting {name} …", flush=True)
         if name in NLME_MODELS:
             method = "focei" if name == "nlme_focei" else "vem"
-            m = _Nlme(name, bench.name, method, quick=quick, device=device, seed=seed,
+            m = _Nlme(name, bench.fit_model, method, quick=quick, device=device, seed=seed,
                       start=focei.result if (focei is not None and method == "vem") else None).fit(bench.train)
             if method == "focei":
                 focei = m
@@ -180,7 +185,7 @@ def run_benchmark(bench: BenchData, *, models=MODELS, n_samples: int = 1000, qui
                 continue
             lp = None if b.kind == "none" else b.log_prob(view, seed=seed)
             smp = b.sample(n_samples, context=view.context[0], seed=seed + 3)
-            note = "dose as input, outside the training range" if regimen != HELD_OUT else ""
+            note = "dose as input; regimen not seen in training" if regimen != HELD_OUT else ""
             score(name, b.kind, b.fit_time_s, regimen, lp, smp, note)
     table = pd.DataFrame(rows, columns=COLUMNS)
     return BenchResult(table=table, samples=samples, views=views, machine=machine(dev),
@@ -251,6 +256,16 @@ def save(result: BenchResult, out: str | os.PathLike) -> list[Path]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--simulate", default="1cmt_oral", choices=sorted(SIMULATORS),
                    help="shipped simulator (1- or 2-cmt oral population with covariates; default 1cmt_oral)")
+    p.add_argument("--data", default=None, metavar="DATA",
+                   help="benchmark on a data set (CSV or shipped name) on a common design instead of a simulation; "
+                        "needs --model")
+    p.add_argument("--model", default=None, help="with --data: the NLME library model to fit (e.g. 1cmt_oral)")
+    p.add_argument("--error", default="proportional", help="with --data: residual error model (default proportional)")
+    p.add_argument("--where", default=None, metavar="CONDITION", help="with --data: keep the records meeting "
+                   "CONDITION (pandas query), e.g. \"SD == 1\"")
+    p.add_argument("--test-fraction", type=float, default=0.25, help="with --data: held-out fraction of subjects")
+    p.add_argument("--unseen-dose", type=float, default=None, metavar="AMT",
+                   help="with --data: hold the subjects whose first dose is AMT out of training (unseen-regimen rows)")
     p.add_argument("--n-train", type=int, default=500, help="training subjects (default 500)")
     p.add_argument("--n-test", type=int, default=200, help="held-out subjects per regimen (default 200)")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}")
@@ -262,18 +277,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="folder for table.csv, table.txt, metrics.png, profiles.png")
 
 
-def run_from_args(args) -> int:
+def run_from_args(args, bench: BenchData | None = None) -> int:
+    """Run the benchmark described by parsed arguments (``bench``: frames already built, e.g. by the CLI's
+    ``--data`` path) and print the table."""
     if args.n_train < 2 or args.n_test < 2:
         raise DataError("--n-train and --n-test must be at least 2")
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    bench = simulate_benchmark(args.simulate, args.n_train, args.n_test, unseen={} if args.no_unseen else None,
-                               seed=args.seed)
+    if bench is None:
+        if args.data is not None:
+            raise ModelSpecError("--data is read by the nlmefit command (nlmefit bench --data ...)")
+        bench = simulate_benchmark(args.simulate, args.n_train, args.n_test, unseen={} if args.no_unseen else None,
+                                   seed=args.seed)
+    elif args.no_unseen:
+        bench.unseen = {}
     if args.device and str(args.device).startswith("cuda") and not torch.cuda.is_available():
         raise ModelSpecError("--device cuda: no CUDA device is available")
     res = run_benchmark(bench, models=models, n_samples=args.samples, quick=args.quick, device=args.device,
                         seed=args.seed, progress=True)
-    print(f"nlmefit bench: {args.simulate}, {args.n_train} training / {args.n_test} held-out subjects per regimen; "
-          f"NLL per subject on the concentration scale; {res.machine}; {res.total_s:.1f} s")
+    n_train, n_test = bench.train["ID"].nunique(), bench.test["ID"].nunique()
+    print(f"nlmefit bench: {bench.name}, {n_train} training / {n_test} held-out subjects; NLL per subject on the "
+          f"concentration scale; {res.machine}; {res.total_s:.1f} s")
     print(res.format())
     if args.out:
         for path in save(res, args.out):

@@ -18,9 +18,11 @@ import numpy as np
 import pandas as pd
 
 import nlmefit
+from nlmefit.baselines.design import PanelView
 from nlmefit.errors import ModelSpecError
 
-__all__ = ["SIMULATORS", "BenchData", "simulate_benchmark", "regimen_doses", "DEFAULT_TIMES", "DEFAULT_UNSEEN"]
+__all__ = ["SIMULATORS", "BenchData", "simulate_benchmark", "bench_from_data", "regimen_doses", "DEFAULT_TIMES",
+           "DEFAULT_UNSEEN"]
 
 DEFAULT_TIMES = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 24.0)
 DEFAULT_UNSEEN = {"300 mg once": [(0.0, 300.0)], "100 mg q12h": [(0.0, 100.0), (12.0, 100.0)]}
@@ -38,15 +40,17 @@ SIGMA_PROP = 0.15
 
 @dataclass
 class BenchData:
-    """Training and test frames (NONMEM events), the unseen regimens' test frames, the true model and values."""
+    """Training and test frames (NONMEM events), the unseen regimens' test frames, the NLME model to fit (its
+    starting values automatic) and, for a simulation, the true model and values."""
 
     name: str
-    model: nlmefit.Model
-    truth: dict
+    fit_model: nlmefit.Model
     train: pd.DataFrame
     test: pd.DataFrame
     unseen: dict[str, pd.DataFrame] = field(default_factory=dict)
     times: tuple = DEFAULT_TIMES
+    model: nlmefit.Model | None = None
+    truth: dict | None = None
 
 
 def regimen_doses(doses) -> list[dict]:
@@ -90,4 +94,38 @@ def simulate_benchmark(name: str = "1cmt_oral", n_train: int = 500, n_test: int 
     for k, (label, doses) in enumerate((DEFAULT_UNSEEN if unseen is None else unseen).items()):
         out[label] = _population(model, truth, n_unseen or n_test, times, doses, rng, n_train + n_test * (k + 2),
                                  seed + 2 + k)
-    return BenchData(name=name, model=model, truth=truth, train=train, test=test, unseen=out, times=tuple(times))
+    fit_model = nlmefit.library.get(name, error="proportional", covariates=SIMULATORS[name]["covariates"])
+    return BenchData(name=name, fit_model=fit_model, train=train, test=test, unseen=out, times=tuple(times),
+                     model=model, truth=truth)
+
+
+def bench_from_data(df: pd.DataFrame, fit_model: nlmefit.Model, *, name: str = "data", test_fraction: float = 0.25,
+                    unseen_dose: float | None = None, seed: int = 0) -> BenchData:
+    """The benchmark's frames from a data set on a common design: subjects whose (first) dose amount equals
+    ``unseen_dose`` form the unseen-regimen set (held out of training: a dose level none of the models saw), the
+    rest is split by subject into training and ``test_fraction`` held-out subjects. Subjects with a missing
+    design time are dropped (most baselines need complete vectors), with the count in ``BenchData.name``."""
+    view = PanelView.from_panel(df, common_regimen=False)
+    keep = view.complete_cases
+    ids = view.ids[keep]
+    unseen_ids = ids[np.isclose(_first_dose(df, ids), unseen_dose)] if unseen_dose is not None else ids[:0]
+    if unseen_dose is not None and len(unseen_ids) == 0:
+        raise ModelSpecError(f"unseen_dose {unseen_dose:g}: no subject's first dose has that amount")
+    rest = np.setdiff1d(ids, unseen_ids)
+    if len(rest) < 4:
+        raise ModelSpecError(f"{len(rest)} complete subjects left for training and testing; need at least 4")
+    perm = np.random.default_rng(seed).permutation(rest)
+    k = min(max(int(round(test_fraction * len(rest))), 2), len(rest) - 2)
+    test_ids, train_ids = perm[:k], perm[k:]
+    sel = lambda which: df[df["ID"].isin(which)].reset_index(drop=True)  # noqa: E731
+    unseen = {f"dose {unseen_dose:g} (held out of training)": sel(unseen_ids)} if len(unseen_ids) else {}
+    dropped = int((~keep).sum())
+    label = name + (f" ({dropped} incomplete subjects dropped)" if dropped else "")
+    return BenchData(name=label, fit_model=fit_model, train=sel(train_ids), test=sel(test_ids), unseen=unseen,
+                     times=tuple(view.times))
+
+
+def _first_dose(df: pd.DataFrame, ids) -> np.ndarray:
+    doses = df[(df.get("EVID", pd.Series(0, index=df.index)) == 1) | (df["AMT"] > 0)]
+    first = doses.groupby("ID", sort=False)["AMT"].first()
+    return first.reindex(ids).to_numpy(dtype=float)
