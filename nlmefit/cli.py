@@ -733,6 +733,10 @@ def cmd_fit(args) -> int:
     if args.method == "saem" and args.n_samples is not None:
         options["n_samples"] = args.n_samples
     lik_opts = {k: v for k, v in lik_opts.items() if v is not None}
+    if args.starts > 1:
+        if args.method not in ("fo", "foce", "focei", "laplace"):
+            raise ModelSpecError(f"--starts applies to --method fo, foce, focei or laplace, not {args.method}")
+        options["n_starts"] = args.starts
     bar = None
     if args.method not in ("nuts", "vem"):  # those two show their own progress bar
         bar = tqdm(desc=f"{args.method} {model.name}", unit=" iter" if args.method == "saem" else " eval",
@@ -906,6 +910,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--params", help="JSON file of initial values {name: value}")
     f.add_argument("--param", action="append", type=name_value, metavar="NAME=VALUE",
                    help="one initial value (repeatable)")
+    f.add_argument("--starts", type=positive_int, default=1, metavar="K",
+                   help="K starts (the initial values and K-1 perturbed by up to ±50 %%), optimised together in one "
+                        "batched objective; the best is kept (fo, foce, focei, laplace)")
     f.add_argument("--init", choices=["auto", "model"], default=None,
                    help="starting values of the parameters not given by --param: auto (NCA and a naive-pooled fit; "
                         "the default for library models) or model (the model's own values)")

@@ -16,8 +16,9 @@ import numpy as np
 import scipy.optimize
 import torch
 
-from nlmefit.errors import EstimationError
+from nlmefit.errors import EstimationError, ModelSpecError
 from nlmefit.estimators.base import Estimator, check_covariance
+from nlmefit.estimators.multistart import batched_params, lockstep_minimize, perturbed_starts
 from nlmefit.marginal.approximations import LOG_2PI
 from nlmefit.marginal.linearisation import Conditional, Linearisation
 from nlmefit.models.data import ObservationData
@@ -44,7 +45,15 @@ class ClassicalEstimator(Estimator):
         device: str | torch.device | None = None,
         progress: Callable[[int, float], None] | None = None,
         threads: int | str | None = None,
+        n_starts: int = 1,
+        start_spread: float = 0.5,
     ) -> None:
+        if int(n_starts) < 1:
+            raise ModelSpecError(f"n_starts must be a positive integer, got {n_starts}")
+        if not 0.0 < float(start_spread) < 1.0:
+            raise ModelSpecError(f"start_spread must be in (0, 1), got {start_spread}")
+        self.n_starts = int(n_starts)
+        self.start_spread = float(start_spread)
         self.maxiter = maxiter
         self.gtol = gtol
         self.inner_tol = inner_tol
@@ -118,6 +127,8 @@ class ClassicalEstimator(Estimator):
                 f"the exact likelihood's (see docs/estimation.md); use method='focei'")
 
     def _fit(self, model: LatentModel, mdata: ObservationData, lin: Linearisation, seed: int | None, t0: float):
+        if self.n_starts > 1 and self.maxiter > 0 and len(model.parameters.natural_names):
+            return self._fit_multistart(model, mdata, lin, seed, t0)
         pset = model.parameters
         dev = mdata.y.device
         p0 = pset.initial(torch.float64, dev)
@@ -173,6 +184,85 @@ class ClassicalEstimator(Estimator):
         return build_result(self, model, mdata, p_hat, eta_hat, linearisation=lin, n_iter=n_iter,
                             converged=converged, messages=messages, elapsed=time.perf_counter() - t0, seed=seed,
                             check_moved=self.maxiter > 0)
+
+    def _fit_multistart(self, model: LatentModel, mdata: ObservationData, lin: Linearisation, seed: int | None,
+                        t0: float):
+        return _multistart_fit(self, model, mdata, lin, seed, t0)
+
+
+def _multistart_fit(est: ClassicalEstimator, model: LatentModel, mdata: ObservationData, lin: Linearisation,
+                    seed: int | None, t0: float):
+    """``n_starts`` perturbed starts in lockstep (nlmefit.estimators.multistart); the best one is the result."""
+    pset = model.parameters
+    if pset.n_weights:
+        raise ModelSpecError("n_starts > 1 needs a model without tensor-valued weights")
+    dev = mdata.y.device
+    n, q, k = mdata.n_subjects, mdata.q, est.n_starts
+    p0 = pset.initial(torch.float64, dev)
+    U0 = perturbed_starts(pset, p0, k, est.start_spread, seed=0 if seed is None else int(seed))
+    eta = torch.zeros(k, n, q, dtype=torch.float64, device=dev)
+    reps = {}
+    n_eval = [0]
+
+    def replicated(m: int) -> ObservationData:
+        if m not in reps:
+            reps[m] = mdata.index(torch.arange(n, device=dev).repeat(m))
+        return reps[m]
+
+    def batch_eval(starts: list[int], points: np.ndarray) -> list[tuple[float, np.ndarray]]:
+        U = torch.tensor(points, dtype=torch.float64, device=dev, requires_grad=True)
+        try:
+            p = batched_params(pset, U, n)
+            e = lin.modes(model, p, replicated(len(starts)), eta[starts].reshape(-1, q))
+            m2 = lin.subject_m2ll(model, p, replicated(len(starts)), e).reshape(len(starts), n).sum(1)
+            ok = torch.isfinite(m2)
+            torch.where(ok, m2, torch.zeros_like(m2)).sum().backward()
+        except (torch.linalg.LinAlgError, RuntimeError):
+            if len(starts) == 1:
+                return [(1e20, np.zeros(points.shape[1]))]
+            return [batch_eval([s], points[j:j + 1])[0] for j, s in enumerate(starts)]
+        n_eval[0] += 1
+        if est._progress is not None:
+            est._progress(n_eval[0], float(m2.detach().min()) - mdata.n_uncensored * LOG_2PI)
+        g = U.grad.detach().cpu().numpy()
+        e = e.detach().reshape(len(starts), n, q)
+        out = []
+        for j, s in enumerate(starts):
+            v = float(m2[j].detach())
+            if not math.isfinite(v) or not np.isfinite(g[j]).all():
+                out.append((1e20, np.zeros_like(g[j])))
+                continue
+            eta[s] = e[j]
+            out.append((v, g[j]))
+        return out
+
+    first = batch_eval(list(range(k)), U0.cpu().numpy())
+    if first[0][0] >= 1e20:
+        raise EstimationError(f"{est.name}: the objective is not finite at the initial values (start 0 of "
+                              f"{k}); check the initial estimates and the data"
+                              f"{_nonfinite_note(model, p0, mdata, lin, torch.zeros(n, q, dtype=torch.float64))}")
+    opts = dict(maxiter=est.maxiter, maxcor=30, ftol=1e-13, gtol=est.gtol, maxls=50)
+    res = lockstep_minimize(batch_eval, U0.cpu().numpy(), opts)
+    ofv_const = mdata.n_uncensored * LOG_2PI
+    finals = np.array([r.fun if r.fun < 1e20 else np.inf for r in res]) - ofv_const
+    best = int(np.nanargmin(finals))
+    r = res[best]
+    messages = [str(r.message)]
+    if not r.success:
+        warnings.warn(f"{est.name}: minimisation of the best start did not report success: {r.message}", stacklevel=4)
+    with torch.no_grad():
+        p_hat = pset.from_unconstrained(torch.tensor(r.x, dtype=torch.float64, device=dev))
+    eta_hat = lin.modes(model, p_hat, mdata, eta[best])
+    within = int(np.sum(finals - finals[best] < 0.01))
+    starts_rec = {"n_starts": k, "spread": est.start_spread, "best": best,
+                  "ofv": [float(v) if np.isfinite(v) else None for v in finals],
+                  "converged": [bool(x.success) for x in res], "n_iter": [int(x.nit) for x in res],
+                  "within_0.01": within, "batched_evaluations": n_eval[0],
+                  "starts": [pset.natural_dict(pset.from_unconstrained(u)) for u in U0]}
+    result = build_result(est, model, mdata, p_hat, eta_hat, linearisation=lin, n_iter=int(r.nit),
+                          converged=bool(r.success), messages=messages, elapsed=time.perf_counter() - t0, seed=seed,
+                          check_moved=True)
+    return result.replace(initial={**dict(result.initial or {}), "multistart": starts_rec})
 
 
 def _nonfinite_note(model: LatentModel, p0: Params, mdata: ObservationData, lin: Linearisation,

@@ -143,6 +143,20 @@ class FitResult:
     def params(self) -> pd.Series:
         return self.estimates
 
+    @property
+    def starts(self) -> pd.DataFrame | None:
+        """One row per start of a multi-start fit (``n_starts`` > 1): its initial values, final OFV, whether its
+        optimiser converged, its iterations; ``best`` marks the start the result comes from. None otherwise."""
+        ms = (self.initial or {}).get("multistart")
+        if not ms:
+            return None
+        frame = pd.DataFrame(ms["starts"])
+        frame.insert(0, "start", range(len(frame)))
+        frame["ofv"] = [np.nan if v is None else v for v in ms["ofv"]]
+        frame["converged"], frame["n_iter"] = ms["converged"], ms["n_iter"]
+        frame["best"] = frame["start"] == ms["best"]
+        return frame
+
     parameter_estimates = params
 
     @property

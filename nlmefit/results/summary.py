@@ -207,6 +207,14 @@ def initial_lines(fit) -> list[str]:
     order = sorted(groups, key=lambda g: (not g.startswith("auto"), g != "user", g))
     out = ["  initial values: " + "; ".join(f"{g}: {', '.join(groups[g])}" for g in order)]
     out += [f"  initial values note: {n}" for n in (rec.get("notes") or [])[1:]]
+    ms = rec.get("multistart")
+    if ms:
+        ofv = np.asarray([np.inf if v is None else v for v in ms["ofv"]], dtype=float)
+        fin = ofv[np.isfinite(ofv)]
+        spread = (f"final OFVs min {fin.min():.4f}, median {np.median(fin):.4f}, max {fin.max():.4f}"
+                  if fin.size else "no finite final OFV")
+        out.append(f"  multi-start: {ms['n_starts']} starts (±{100 * ms['spread']:.0f} %), best start {ms['best']}; "
+                   f"{spread}; {ms['within_0.01']} of {ms['n_starts']} within 0.01 of the best")
     return out
 
 
