@@ -280,3 +280,9 @@ def test_gan_default_fit_moments(data):
     ratio = x.std(0) / s
     assert np.all((ratio > 0.8) & (ratio < 1.25)), ratio
     np.testing.assert_allclose(np.corrcoef(x.T), np.corrcoef(train.y.T), atol=0.12)
+
+
+def test_hutchinson_likelihood_is_an_estimate():
+    from nlmefit.baselines.flow_matching import FlowMatching
+
+    assert FlowMatching().kind == "exact" and FlowMatching(trace="hutchinson").kind == "estimate"

@@ -13,7 +13,7 @@ The public methods convert back: samples to the original scale, log-densities wi
 (log p_y = log p_z − Σ_j log s_j), returned as float64 numpy arrays, one value per subject.
 
 Likelihood kinds (``kind``): ``exact`` — the model's log-density itself (PPCA, flows, flow matching up to ODE
-tolerance); ``bound`` — a lower bound on it (DDPM, the VAE's ELBO when asked for); ``estimate`` — a Monte-Carlo
+tolerance); ``bound`` — a lower bound on it (DDPM); ``estimate`` — a Monte-Carlo
 estimate (IS/IWAE for the VAE, importance-sampled log Z for the EBM); ``none`` — no likelihood (GAN).
 """
 from __future__ import annotations
@@ -101,11 +101,14 @@ class Baseline(ABC):
         self._check_fitted()
         if self.kind == "none":
             raise ModelSpecError(f"{self.name} has no likelihood (kind='none')")
-        if not isinstance(view, PanelView):
-            view = PanelView.from_arrays(view, times=self.design_times)
+        if not isinstance(view, PanelView):  # a plain array: the training regimen's context, not "no dose"
+            y = np.asarray(view, dtype=float)
+            view = PanelView.from_arrays(y, times=self.design_times,
+                                         context=self._train_context if y.ndim == 2 else None)
         self._check_view(view, "data")
-        if view.d != len(self.design_times):
-            raise DataError(f"data: expected {len(self.design_times)} design times, got {view.d}")
+        if view.d != len(self.design_times) or not np.allclose(view.times, self.design_times):
+            raise DataError(f"data: expected the design times {self.design_times.tolist()}, got "
+                            f"{np.asarray(view.times).tolist()}")
         z, mask, ctx = self._tensors(view)
         lp = self._log_prob(z, mask, ctx, self._generator(seed))
         lp = lp.detach().to("cpu", torch.float64).numpy()
@@ -146,6 +149,9 @@ class Baseline(ABC):
                             f"{type(view).__name__}")
         if view.n == 0:
             raise DataError(f"{what}: no subjects")
+        empty = ~view.mask.any(1)
+        if empty.any():
+            raise DataError(f"{what}: subjects with no observed design time: {view.ids[empty][:10].tolist()}")
         if not self.supports_missing and not view.mask.all():
             bad = view.ids[~view.complete_cases]
             raise DataError(f"{what}: {self.name} needs every design time observed; subjects with missing values: "

@@ -54,7 +54,7 @@ class DesignData(ObservationData):
         # the panel lists each subject's observations in time order = design order, so its [N, J] arrays agree with
         # the grid after dropping the missing entries: bind in the panel's layout
         base = ObservationData.from_panel(panel, q, device=y.device, dtype=torch.float64)
-        col = np.searchsorted(np.asarray(times), np.round(panel.obs_time, 12))
+        col = np.searchsorted(np.round(np.asarray(times, dtype=float), 9), np.round(panel.obs_time, 9))
         col = np.where(panel.obs_mask, np.clip(col, 0, len(times) - 1), 0)
         return cls(**{f: getattr(base, f) for f in ("panel", "y", "mask", "cens", "limit", "q", "n_occ")},
                    col=torch.as_tensor(col, device=y.device), ctx=ctx.to(torch.float64))

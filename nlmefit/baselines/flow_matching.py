@@ -108,8 +108,8 @@ class FlowMatching(Baseline):
     ``valid``; 0: stop on the training loss); ODE: ``method`` (a torchdiffeq method), ``rtol``, ``atol``,
     ``likelihood_dtype``; likelihood trace: ``trace`` ("exact" or "hutchinson"), ``probe`` ("rademacher" or
     "gaussian"), ``n_probes``; ``batch_size`` (subjects per likelihood solve); ``device``, ``seed``, ``dtype``,
-    ``trainer_options`` as in :class:`~nlmefit.baselines.base.Baseline` — defaults ``max_epochs=1000,
-    batch_size=128, lr=1e-3, patience=60`` merged with the user's. ``last_nfe`` holds the number of velocity
+    ``trainer_options`` as in :class:`~nlmefit.baselines.base.Baseline` — defaults ``max_epochs=800,
+    batch_size=128, lr=1e-3, patience=None`` merged with the user's. ``last_nfe`` holds the number of velocity
     evaluations of the last ODE solve.
     """
 
@@ -138,6 +138,8 @@ class FlowMatching(Baseline):
         self.method, self.rtol, self.atol = method, float(rtol), float(atol)
         self.likelihood_dtype = likelihood_dtype
         self.trace, self.probe, self.n_probes, self.batch_size = trace, probe, int(n_probes), int(batch_size)
+        if trace == "hutchinson":  # an unbiased Monte-Carlo estimate of the trace: the likelihood is an estimate
+            self.kind = "estimate"
         self.objective: _VelocityObjective | None = None
         self._lik_objective: _VelocityObjective | None = None
         self.last_nfe = 0

@@ -10,7 +10,7 @@ W = U_q (Λ_q − σ² I)^½ (up to a rotation of η). The log-likelihood is exa
 ``method="closed"`` uses the formulas (complete data only); ``"laplace"``, ``"saem"``, ``"vem"`` (and every other
 ``nlmefit.fit`` method) fit :class:`PPCAModel` — a :class:`~nlmefit.baselines.design_model.DesignModel` — with
 the NLME estimators. Laplace is exact for a linear-Gaussian model, SAEM is a stochastic EM and VEM with a
-Gaussian q contains the exact posterior, so all three must reproduce the closed form (tests/test_baselines_ppca.py).
+Gaussian q contains the exact posterior, so all three must reproduce the closed form (tests/test_baselines_ppca_vae.py).
 """
 from __future__ import annotations
 

@@ -177,14 +177,14 @@ class Trainer:
 
     def _load(self, objective, opts, shuffle, noise):
         try:
-            st = torch.load(self.checkpoint, map_location=noise.device, weights_only=True)
+            st = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
             objective.load_state_dict(st["model"])
             for o, s in zip(opts, st["optimisers"]):
                 o.load_state_dict(s)
-        except (RuntimeError, KeyError, ValueError) as e:
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
             raise ModelSpecError(f"checkpoint {self.checkpoint} does not fit this model: {e}") from None
         shuffle.set_state(st["shuffle"])
-        noise.set_state(st["noise"].to(torch.uint8).cpu() if noise.device.type == "cpu" else st["noise"])
+        noise.set_state(st["noise"].to(torch.uint8).cpu())  # Generator.set_state takes a CPU ByteTensor
         hist = TrainHistory(epochs=list(st["epochs"]), best_epoch=int(st["best_epoch"]),
                             best_loss=float(st["best_loss"]))
         return int(st["epoch"]), hist, st["best_state"], int(st["bad"])

@@ -127,7 +127,10 @@ class _Nlme:
         data = model.prepare(frame, device=self.device)
         p = self.result.population_parameters(device=data.y.device)
         est = marginal_loglik(model, p, data, "is", n_samples=200 if self.quick else 1000, seed=self.seed)
-        return np.asarray(est.loglik_i)
+        lp = np.asarray(est.loglik_i)
+        if getattr(getattr(model, "error", None), "log_scale", False):  # density of log(DV) → of DV
+            lp = lp - torch.where(data.mask, data.y, torch.zeros_like(data.y)).sum(-1).cpu().numpy()
+        return lp
 
     def sample(self, frame: pd.DataFrame, times, n: int) -> np.ndarray:
         ids = frame["ID"].nunique()
@@ -184,7 +187,8 @@ def run_benchmark(bench: BenchData, *, models=MODELS, n_samples: int = 1000, qui
                     "DEVICE": dev, "NOTE": "not applicable (no dose input)"})
                 continue
             lp = None if b.kind == "none" else b.log_prob(view, seed=seed)
-            smp = b.sample(n_samples, context=view.context[0], seed=seed + 3)
+            # each draw under the regimen of one held-out subject (cycling), like NLME's simulation of each subject
+            smp = b.sample(n_samples, context=view.context[np.arange(n_samples) % view.n], seed=seed + 3)
             note = "dose as input; regimen not seen in training" if regimen != HELD_OUT else ""
             score(name, b.kind, b.fit_time_s, regimen, lp, smp, note)
     table = pd.DataFrame(rows, columns=COLUMNS)
