@@ -38,6 +38,7 @@ import pandas as pd
 import torch
 from torch.distributions import Distribution, MultivariateNormal, kl_divergence
 
+from nlmefit._html import object_html
 from nlmefit.diagnostics.decomposition_plots import plot_aggregate_posterior, plot_q_kl
 from nlmefit.marginal.importance import LoglikEstimate, importance_loglik
 from nlmefit.marginal.laplace import laplace_posterior
@@ -157,6 +158,16 @@ class Decomposition:
     def summary(self) -> dict:
         return {"posterior": self.posterior_kind, "kl_method": self.kl_method, "q_method": self.q_method,
                 "proposal": self.proposal, "n_samples": self.n_samples, **self.totals, **self.aggregate}
+
+    def _repr_html_(self) -> str:
+        t = self.totals
+        lines = [f"log p(y|θ) = Q − KL: {t['loglik']:.3f} ± {t['loglik_se']:.3f} = {t['q']:.3f} − {t['kl']:.3f} "
+                 f"(ELBO {t['elbo']:.3f}, gap {t['gap']:.3f})",
+                 f"posterior: {self.posterior_kind}; KL by {self.kl_method}; Q by {self.q_method}",
+                 "aggregate posterior vs prior: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                            for k, v in self.aggregate.items()
+                                                            if not isinstance(v, (list, dict, np.ndarray)))]
+        return object_html("Decomposition (per subject)", lines, [("subjects", self.table)])
 
     def plot(self, **kwargs):
         """Q_i against KL_i (:func:`~nlmefit.diagnostics.decomposition_plots.plot_q_kl`)."""

@@ -38,6 +38,7 @@ import pandas as pd
 import torch
 from scipy import stats
 
+from nlmefit._html import object_html
 from nlmefit.diagnostics.replicates import _simulate, fit_parts, observation_lloq
 
 __all__ = ["NpdeResult", "npde", "npde_tests", "plot_npde"]
@@ -71,6 +72,9 @@ class NpdeResult:
     def plot(self, **kwargs):
         """:func:`plot_npde` of this result."""
         return plot_npde(self, **kwargs)
+
+    def _repr_html_(self) -> str:
+        return object_html("NPDE", [repr(self)], [("tests", self.tests().reset_index())])
 
     def __repr__(self) -> str:
         g = self.tests().loc["global", "p_value"]

@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from nlmefit._html import object_html
 from nlmefit.diagnostics.decomposition import fit_parts
 from nlmefit.diagnostics.decomposition_plots import plot_one_step
 from nlmefit.marginal.laplace import laplace_posterior
@@ -62,6 +63,11 @@ class OneStepAhead:
     @property
     def total_se(self) -> float:
         return float(np.sqrt((self.per_subject["se"] ** 2).sum()))
+
+    def _repr_html_(self) -> str:
+        lines = [f"Σ_j log p(y_j | y_<j) = {self.total:.3f} ± {self.total_se:.3f} ({self.method}, "
+                 f"{len(self.table)} observations, {len(self.per_subject)} subjects)"]
+        return object_html("One-step-ahead predictive log-likelihood", lines, [("per subject", self.per_subject)])
 
     def plot(self, **kwargs):
         """The score over time (:func:`~nlmefit.diagnostics.decomposition_plots.plot_one_step`)."""

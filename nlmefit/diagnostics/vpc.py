@@ -48,6 +48,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from nlmefit._html import object_html
 from nlmefit.diagnostics.gof import log_axis
 from nlmefit.diagnostics.replicates import _simulate, fit_parts, observation_lloq
 
@@ -91,6 +92,9 @@ class VpcResult:
     def plot(self, **kwargs):
         """:func:`plot_vpc` of this result."""
         return plot_vpc(self, **kwargs)
+
+    def _repr_html_(self) -> str:
+        return object_html("VPC", [repr(self)], [("percentiles", self.percentiles)])
 
     def __repr__(self) -> str:
         kind = "pcVPC" if self.pred_corrected else "VPC"

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from nlmefit._html import object_html
 from nlmefit.errors import DataError
 from nlmefit.panel.columns import CANONICAL
 from nlmefit.panel.expand import (
@@ -357,3 +358,12 @@ class Panel:
 
     def __len__(self) -> int:
         return self.n_subjects
+
+    def _repr_html_(self) -> str:
+        s = self.summary()
+        lines = [f"{s['subjects']} subjects, {s['observations']} observations, {s['dose_records']} dose records "
+                 f"({s['doses']} doses after ADDL), {s['censored']} censored, {s['occasions']} occasions",
+                 "covariates: " + (", ".join(s["covariates"]) or "none")]
+        if s["excluded_ids"]:
+            lines.append(f"excluded IDs: {s['excluded_ids']}")
+        return object_html("Panel", lines, [("records", self.to_dataframe())], max_rows=10)

@@ -1,9 +1,15 @@
-"""Notebook display of a FitResult: a header and the parameter table as HTML."""
+"""Notebook display (``_repr_html_``) of nlmefit's result objects: a bold title, a few lines, tables.
+
+``fit_result_html`` for a FitResult; :func:`nlmefit._html.object_html` is the one layout every other object uses
+(Panel, Regimen, RegimenSimulation, Decomposition, OneStepAhead, VPC, NPDE), so they look alike in a notebook.
+"""
 from __future__ import annotations
 
 import html
 
-__all__ = ["fit_result_html"]
+from nlmefit._html import object_html
+
+__all__ = ["fit_result_html", "object_html"]
 
 
 def fit_result_html(fit) -> str:

@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from nlmefit._html import object_html
 from nlmefit.errors import ModelSpecError
 from nlmefit.marginal.laplace import laplace_posterior
 from nlmefit.models.model import Model, ModelData
@@ -81,6 +82,12 @@ class RegimenSimulation:
     interval: list[tuple[float, float]]  # per regimen, the exposure interval (AUCTAU, CMAX, ... ; column WINDOW)
     auc24_window: list[tuple[float, float, float]] | None = None  # per regimen (t0, t1, span h) of AUC24
     allow_negative: bool = False  # residual draws below 0 kept (True) or set to 0 (False)
+
+    def _repr_html_(self) -> str:
+        R, S, T = self.profiles.shape
+        lines = [f"{R} regimen(s) × {S} {self.mode} subjects × {T} times"
+                 f"{', residual error added' if self.residual else ''}", "regimens: " + "; ".join(self.labels)]
+        return object_html("RegimenSimulation", lines, [("exposure quantiles", self.summary().reset_index())])
 
     def profile_frame(self, max_subjects: int | None = None) -> pd.DataFrame:
         """Tidy profiles: REGIMEN, ID, DRAW, TIME, CONC (first ``max_subjects`` simulated subjects)."""

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from nlmefit._html import object_html
 from nlmefit.errors import ModelSpecError
 from nlmefit.simulation.regimen_grammar import MASS_ALIASES, MASS_UNITS, format_regimen, parse_regimen
 
@@ -220,6 +221,11 @@ class Regimen:
     def __repr__(self) -> str:
         s = str(self)
         return f"Regimen({s!r})" if self.label == s else f"Regimen({s!r}, label={self.label!r})"
+
+    def _repr_html_(self) -> str:
+        doses = pd.DataFrame(self.dose_times(), columns=["TIME", "AMT", "RATE"])
+        return object_html(f"Regimen: {self.label}", [str(self), f"{self.n_doses} doses"],
+                           [("doses (h, amount, rate)", doses)], max_rows=12)
 
     # ---- dose times
     @property
