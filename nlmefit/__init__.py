@@ -22,6 +22,7 @@ from nlmefit.likelihood import loglik
 from nlmefit.models import Model, Omega, Param, Params, fix, library
 from nlmefit.models.protocol import LatentModel
 from nlmefit.panel import Panel
+from nlmefit.resampling import BootstrapResult, bootstrap
 from nlmefit.results import FitResult
 from nlmefit.simulation import Regimen, simulate, simulate_regimens
 
@@ -29,5 +30,5 @@ __all__ = [
     "DataError", "EstimationError", "ModelSpecError", "Panel", "Model", "Omega", "Param", "Params", "fix",
     "library", "fit", "loglik", "get_estimator", "FO", "FOCE", "FOCEI", "Laplace", "AGQ", "SAEM", "NUTS", "VEM",
     "FitResult", "simulate", "simulate_regimens", "Regimen", "datasets", "LatentModel", "marginal", "posteriors",
-    "__version__",
+    "bootstrap", "BootstrapResult", "__version__",
 ]

@@ -1,4 +1,4 @@
-"""The ``nlmefit`` command: ``validate``, ``fit``, ``diagnose``, ``simulate`` (reference: docs/cli.md).
+"""The ``nlmefit`` command: ``validate``, ``fit``, ``diagnose``, ``simulate``, ``bootstrap`` (reference: docs/cli.md).
 
 Exit codes: 0 success; 2 bad arguments, data, model specification, output location or saved result (one line on
 stderr, naming what is wrong, checked before any estimation starts); 1 an estimation failure (or a fit that did not
@@ -772,6 +772,7 @@ def cmd_fit(args) -> int:
     _atomic_csv(result.summary().rename_axis("parameter").reset_index(), str(out / "summary.csv"))
     _atomic_csv(result.predictions, str(out / "predictions.csv"))
     _atomic_csv(result.individual_estimates, str(out / "individual_estimates.csv"))
+    tables = [p.name for p in result.tables(out)] if args.tables else []
     notes = _retire_old_outputs(out, result)
     print(result.summary_text())
     for meth, val in result.likelihoods.items():
@@ -781,7 +782,8 @@ def cmd_fit(args) -> int:
             continue
         extra = f" (Monte-Carlo SE {val['se']:.3f}, {val['n_samples']} samples)" if meth == "is" else ""
         print(f"  -2LL by {meth}: OFV {val['ofv']:.4f}{extra}")
-    print(f"\nwrote {out / 'result.json'}, summary.csv, predictions.csv, individual_estimates.csv")
+    print(f"\nwrote {out / 'result.json'}, summary.csv, predictions.csv, individual_estimates.csv"
+          + "".join(f", {t}" for t in tables))
     for n in notes:
         print(n)
     return 0 if result.converged else 1
@@ -815,7 +817,7 @@ def _threads_option(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="nlmefit", description="Nonlinear mixed-effects modelling from NONMEM-style data "
                                              "(reference: docs/cli.md)")
-    sub = ap.add_subparsers(dest="command", required=True, metavar="{validate,fit,diagnose,simulate,bench}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{validate,fit,diagnose,simulate,bootstrap,bench}")
     v = sub.add_parser("validate", help="check a dataset and print its summary")
     v.add_argument("data", help="CSV file or shipped dataset name")
     _data_options(v, "sort records by ID and TIME instead of rejecting disorder")
@@ -922,16 +924,57 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--device", type=device_name, default=None, help="cpu or cuda")
     f.add_argument("--no-cov", action="store_true", help="skip the covariance step")
     f.add_argument("--quiet", action="store_true", help="no progress bar")
+    f.add_argument("--tables", action="store_true",
+                   help="also write NONMEM-style sdtab1, patab1, cotab1/catab1, run1.ext (and run1_names.csv)")
     _threads_option(f)
     f.set_defaults(func=cmd_fit)
 
     from nlmefit.benchmark.generative import add_arguments as bench_arguments
+
+    bs = sub.add_parser("bootstrap", help="case-resampling bootstrap of a fit (fo, foce, focei, laplace): percentile "
+                                          "and BCa intervals")
+    bs.add_argument("result", metavar="RESULT_DIR", help="folder written by `nlmefit fit --out`")
+    bs.add_argument("-n", "--n", dest="n", type=positive_int, default=200, help="resamples (default 200, at least 2)")
+    bs.add_argument("--stratify", type=nonempty, default=None, metavar="COV",
+                    help="resample within the levels of this baseline covariate column")
+    bs.add_argument("--seed", type=seed_int, default=0)
+    bs.add_argument("--ci", type=finite_float, default=0.95, help="interval level, in (0, 1) (default 0.95)")
+    bs.add_argument("--no-bca", action="store_true", help="percentile intervals only (no jackknife refits)")
+    bs.add_argument("--batch", type=positive_int, default=None, metavar="R",
+                    help="most refits per batched lockstep chunk (default: ~200000 virtual subjects per chunk)")
+    bs.add_argument("--out", type=nonempty, default=None, help="output folder (default RESULT_DIR/bootstrap)")
+    bs.add_argument("--quiet", action="store_true", help="no progress bar")
+    _threads_option(bs)
+    bs.set_defaults(func=cmd_bootstrap)
 
     b = sub.add_parser("bench", help="NLME against deep generative baselines (PPCA, VAE, DDPM, EBM, GAN, NF, flow "
                                      "matching) on a simulated population, with unseen regimens")
     bench_arguments(b)
     b.set_defaults(func=cmd_bench)
     return ap
+
+
+def cmd_bootstrap(args) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import nlmefit
+
+    p = Path(args.result)
+    if not p.exists():
+        raise CliError(f"{args.result}: no such folder (write one with `nlmefit fit ... --out DIR`)")
+    res_dir = p if p.is_dir() else p.parent
+    out = Path(args.out) if args.out else res_dir / "bootstrap"
+    check_out_dir(str(out), "--out" if args.out else "bootstrap folder")
+    fit = _load_fit(args.result)
+    boot = nlmefit.bootstrap(fit, n=args.n, stratify=args.stratify, seed=args.seed, ci=args.ci,
+                             bca=not args.no_bca, batch=args.batch, progress=not args.quiet)
+    written = [q.name for q in boot.to_csv(out)]
+    _atomic_fig(boot.plot(), out / "bootstrap.png", 110)
+    written.append("bootstrap.png")
+    print(boot.summary_text())
+    print(f"\nwrote {', '.join(written)} to {out}")
+    return 0
 
 
 def cmd_bench(args) -> int:

@@ -15,12 +15,16 @@ others.
 Starts: start 0 is the given initial values; start k > 0 multiplies every free θ, σ and Ω variance by a factor
 drawn uniformly from [1 − s, 1 + s] (s = ``spread``, default 0.5; Ω as D^½ Ω D^½, keeping its correlations;
 bounded θ kept inside their bounds), seeded.
+
+:func:`replica_minimize` is the same lockstep with replicas that differ in their data, not their start: replica
+r is a list of subject positions (repeats allowed, sizes may differ), as the bootstrap's resamples and the
+jackknife's leave-one-out sets (:mod:`nlmefit.resampling`).
 """
 from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import scipy.optimize
@@ -29,7 +33,7 @@ import torch
 from nlmefit.errors import ModelSpecError
 from nlmefit.models.parameters import ParameterSet, Params
 
-__all__ = ["perturbed_starts", "lockstep_minimize", "batched_params"]
+__all__ = ["perturbed_starts", "lockstep_minimize", "batched_params", "replica_params", "replica_minimize"]
 
 
 def perturbed_starts(pset: ParameterSet, p0: Params, k: int, spread: float = 0.5, seed: int = 0) -> torch.Tensor:
@@ -80,6 +84,72 @@ def batched_params(pset: ParameterSet, U: torch.Tensor, n: int) -> Params:
     (start-major), as per-subject copies [k·n] that the models broadcast over."""
     x = torch.stack([pset.to_natural_vector(pset.from_unconstrained(u)) for u in U])
     return pset.from_natural_vector(x.repeat_interleave(n, 0))
+
+
+def replica_params(pset: ParameterSet, U: torch.Tensor, sizes: torch.Tensor) -> Params:
+    """Per-virtual-subject parameters for R replicas of different sizes: row r of ``U`` [R, P] repeated
+    ``sizes[r]`` times (replica-major), as per-subject copies [Σ sizes]. ``batched_params`` with equal sizes."""
+    x = torch.stack([pset.to_natural_vector(pset.from_unconstrained(u)) for u in U])
+    return pset.from_natural_vector(x.repeat_interleave(sizes, 0))
+
+
+def replica_minimize(model, lin, data, idx: Sequence[np.ndarray], U0: np.ndarray, options: dict,
+                     eta0: torch.Tensor | None = None,
+                     on_batch: Callable[[list[int]], None] | None = None) -> list[scipy.optimize.OptimizeResult]:
+    """Minimise R independent objectives in lockstep, replica r being the subjects ``idx[r]`` of ``data``
+    (positions, repeats allowed: a repeated subject is a distinct subject of that replica) with its own
+    parameters, started at ``U0[r]`` (unconstrained [R, P]).
+
+    Replica r's objective is Σ_{i ∈ idx[r]} −2 log L_i(u_r) under ``lin`` (the estimators' objective, n·log 2π
+    included); all pending replicas are evaluated by one call of ``lin.modes`` / ``lin.subject_m2ll`` on the
+    concatenated subjects and one backward pass. ``eta0`` [Σ |idx[r]|, q] warm-starts the modes (replica-major);
+    ``on_batch(replicas)`` is called after each batched evaluation. A batch whose evaluation fails is evaluated
+    replica by replica; a replica whose objective is not finite gets 1e20 and a zero gradient (the line search
+    backs off). Returns the R scipy results (``lockstep_minimize``)."""
+    pset = model.parameters
+    dev = data.y.device
+    q = data.q
+    sizes = np.array([len(i) for i in idx], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    flat = torch.as_tensor(np.concatenate([np.asarray(i, dtype=np.int64) for i in idx]), device=dev)
+    eta = (torch.zeros(int(offsets[-1]), q, dtype=torch.float64, device=dev) if eta0 is None
+           else eta0.detach().clone().to(device=dev, dtype=torch.float64))
+    cache: dict[tuple[int, ...], tuple[torch.Tensor, object]] = {}
+
+    def rows(reps: list[int]) -> tuple[torch.Tensor, object]:
+        key = tuple(reps)
+        if key not in cache:  # the pending set only shrinks: keep the latest
+            cache.clear()
+            sel = torch.cat([torch.arange(int(offsets[r]), int(offsets[r + 1]), device=dev) for r in reps])
+            cache[key] = (sel, data.index(flat[sel]))
+        return cache[key]
+
+    def evaluate(reps: list[int], points: np.ndarray) -> list[tuple[float, np.ndarray]]:
+        sel, d = rows(reps)
+        sz = torch.as_tensor(sizes[reps], device=dev)
+        owner = torch.repeat_interleave(torch.arange(len(reps), device=dev), sz)
+        U = torch.tensor(points, dtype=torch.float64, device=dev, requires_grad=True)
+        try:
+            p = replica_params(pset, U, sz)
+            e = lin.modes(model, p, d, eta[sel])
+            m2i = lin.subject_m2ll(model, p, d, e)
+            m2 = torch.zeros(len(reps), dtype=m2i.dtype, device=dev).index_add(0, owner, m2i)
+            ok = torch.isfinite(m2)
+            torch.where(ok, m2, torch.zeros_like(m2)).sum().backward()
+        except (torch.linalg.LinAlgError, RuntimeError):
+            if len(reps) == 1:
+                return [(1e20, np.zeros(points.shape[1]))]
+            return [evaluate([r], points[j:j + 1])[0] for j, r in enumerate(reps)]
+        if on_batch is not None:
+            on_batch(list(reps))
+        g = U.grad.detach().cpu().numpy()
+        vals = m2.detach().cpu().numpy()
+        fine = np.isfinite(vals) & np.isfinite(g).all(1)
+        keep = torch.as_tensor(fine, device=dev)[owner]
+        eta[sel] = torch.where(keep[:, None], e.detach(), eta[sel])
+        return [(float(v), gj) if f else (1e20, np.zeros_like(gj)) for v, gj, f in zip(vals, g, fine)]
+
+    return lockstep_minimize(evaluate, np.asarray(U0, dtype=float), options)
 
 
 def lockstep_minimize(evaluate: Callable[[list[int], np.ndarray], list[tuple[float, np.ndarray]]],

@@ -389,6 +389,15 @@ class FitResult:
             _atomic_write(_weights_path(path), lambda fh: torch.save(state, fh), binary=True)
         _atomic_write(path, lambda fh: json.dump(self.to_dict(), fh, indent=1, allow_nan=False))
 
+    def tables(self, out_dir: str | os.PathLike, **kw) -> list:
+        """NONMEM-style ``sdtab``, ``patab``, ``cotab``/``catab``, ``run.ext`` and a name map in ``out_dir``
+        (see :func:`nlmefit.results.tables.write_tables` for ``run``, ``prefix``, ``firstonly``); returns the
+        paths written."""
+        # local import: nlmefit.results.tables imports this module (a cycle at module level)
+        from nlmefit.results.tables import write_tables
+
+        return write_tables(self, out_dir, **kw)
+
     @classmethod
     def from_dict(cls, d: dict, model=None, weights: Mapping[str, torch.Tensor] | None = None,
                   restore_model: bool = False, where: str = "result") -> FitResult:
