@@ -16,6 +16,7 @@ import torch as _torch  # noqa: F401  (import order: torch before the modules th
 from nlmefit import datasets, marginal, posteriors
 from nlmefit._version import __version__
 from nlmefit.api import fit
+from nlmefit.covariate_search import ScmResult, scm
 from nlmefit.errors import DataError, EstimationError, ModelSpecError
 from nlmefit.estimators import AGQ, FO, FOCE, FOCEI, NUTS, SAEM, VEM, Laplace, get_estimator
 from nlmefit.likelihood import loglik
@@ -30,5 +31,5 @@ __all__ = [
     "DataError", "EstimationError", "ModelSpecError", "Panel", "Model", "Omega", "Param", "Params", "fix",
     "library", "fit", "loglik", "get_estimator", "FO", "FOCE", "FOCEI", "Laplace", "AGQ", "SAEM", "NUTS", "VEM",
     "FitResult", "simulate", "simulate_regimens", "Regimen", "datasets", "LatentModel", "marginal", "posteriors",
-    "bootstrap", "BootstrapResult", "__version__",
+    "bootstrap", "BootstrapResult", "scm", "ScmResult", "__version__",
 ]

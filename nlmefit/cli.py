@@ -1,4 +1,5 @@
-"""The ``nlmefit`` command: ``validate``, ``fit``, ``diagnose``, ``simulate``, ``bootstrap`` (reference: docs/cli.md).
+"""The ``nlmefit`` command: ``validate``, ``fit``, ``scm``, ``diagnose``, ``simulate``, ``bootstrap`` (reference:
+docs/cli.md).
 
 Exit codes: 0 success; 2 bad arguments, data, model specification, output location or saved result (one line on
 stderr, naming what is wrong, checked before any estimation starts); 1 an estimation failure (or a fit that did not
@@ -789,6 +790,60 @@ def cmd_fit(args) -> int:
     return 0 if result.converged else 1
 
 
+def cov_candidates(text: str) -> dict:
+    """``cl:WT,AGE,SEX;v:WT`` (a relationship per column optional: ``cl:WT=exponential,SEX``)."""
+    out: dict[str, list] = {}
+    for part in (q.strip() for q in text.split(";")):
+        if not part:
+            continue
+        if ":" not in part:
+            raise argparse.ArgumentTypeError(f"expected PARAM:COL,COL;PARAM:COL (e.g. \"cl:WT,AGE;v:WT\"), "
+                                             f"got {part!r}")
+        p, cols = (q.strip() for q in part.split(":", 1))
+        if not p.isidentifier():
+            raise argparse.ArgumentTypeError(f"{part!r}: {p!r} is not a parameter name")
+        items = [c.strip() for c in cols.split(",") if c.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"{part!r}: no covariate column after ':'")
+        for c in items:
+            col, _, rel = (q.strip() for q in c.partition("="))
+            out.setdefault(p, []).append((col, rel) if rel else col)
+    if not out:
+        raise argparse.ArgumentTypeError(f"no candidates in {text!r}")
+    return out
+
+
+def cmd_scm(args) -> int:
+    import nlmefit
+
+    out = check_out_dir(args.out)
+    df, label = _read_data(args.data, args.sep, args.where)
+    cols = _column_map(df, args.col)
+    model_name = args.model or DEFAULT_MODELS.get(label)
+    if model_name is None:
+        raise CliError(f"give --model for {args.data} (a library name: {', '.join(nlmefit.library.NAMES)})")
+    dvid = args.dvid if args.dvid is not None else ("cp" if label == "warfarin" and "DVID" not in cols else None)
+    model = _load_model(model_name, args.error, dvid)
+    panel = _panel(df, cols, args.sort)
+    options = {"maxiter": args.maxiter} if args.maxiter is not None else {}
+    res = nlmefit.scm(model, panel, args.cov_candidates, method=args.method, p_forward=args.p_forward,
+                      p_backward=args.p_backward, backward=not args.no_backward, progress=not args.quiet,
+                      seed=args.seed, **options)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [q.name for q in res.to_csv(out)]
+    data_spec = str(Path(args.data).resolve()) if os.path.exists(args.data) else args.data
+    source = {"data": data_spec, "model": model_name, "error": args.error, "dvid": dvid}
+    for key, val in (("sep", args.sep), ("where", args.where), ("columns", cols), ("sort", args.sort),
+                     ("covariates", res.formulas)):
+        if val:
+            source[key] = val
+    final = res.final_fit.replace(source=source)
+    final.to_json(out / "result.json")
+    print(res.summary_text())
+    print(f"\nwrote {', '.join(written)}, result.json (the final model's fit) to {out}")
+    return 0 if final.converged else 1
+
+
 # ---------------------------------------------------------------------- parser
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line: ``nlmefit fit: error: argument --n-nodes: expected a positive integer, got '0'``."""
@@ -817,7 +872,8 @@ def _threads_option(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="nlmefit", description="Nonlinear mixed-effects modelling from NONMEM-style data "
                                              "(reference: docs/cli.md)")
-    sub = ap.add_subparsers(dest="command", required=True, metavar="{validate,fit,diagnose,simulate,bootstrap,bench}")
+    sub = ap.add_subparsers(dest="command", required=True,
+                            metavar="{validate,fit,scm,diagnose,simulate,bootstrap,bench}")
     v = sub.add_parser("validate", help="check a dataset and print its summary")
     v.add_argument("data", help="CSV file or shipped dataset name")
     _data_options(v, "sort records by ID and TIME instead of rejecting disorder")
@@ -928,6 +984,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write NONMEM-style sdtab1, patab1, cotab1/catab1, run1.ext (and run1_names.csv)")
     _threads_option(f)
     f.set_defaults(func=cmd_fit)
+
+    sc = sub.add_parser("scm", help="stepwise covariate modelling: forward inclusion, backward elimination "
+                                    "(docs/scm.md)")
+    sc.add_argument("data", help="CSV file or shipped dataset name")
+    sc.add_argument("--model", default=None, help="library model name (covariate formulas are added to it)")
+    sc.add_argument("--error", type=error_name, default=None,
+                    help="error model (default additive; aliases add, prop, combined ...)")
+    sc.add_argument("--cov-candidates", required=True, type=cov_candidates, metavar="PARAM:COL,...;PARAM:COL",
+                    help='candidate relationships, e.g. "cl:WT,AGE,SEX;v:WT" (COL=power|exponential|categorical '
+                         "to choose; default power, categorical for text or two-valued columns)")
+    sc.add_argument("--method", default="focei", choices=list(CLASSICAL))
+    sc.add_argument("--p-forward", type=finite_float, default=0.05, help="forward inclusion level (default 0.05)")
+    sc.add_argument("--p-backward", type=finite_float, default=0.01, help="backward elimination level (0.01)")
+    sc.add_argument("--no-backward", action="store_true", help="forward inclusion only")
+    sc.add_argument("--maxiter", type=nonneg_int, default=None, help="maximum optimiser iterations per fit")
+    sc.add_argument("--dvid", default=None, help="the DVID value holding the model's observations (warfarin: cp)")
+    _data_options(sc, "sort records by ID and TIME instead of rejecting disorder")
+    sc.add_argument("--out", type=nonempty, default="nlmefit-scm", help="output folder")
+    sc.add_argument("--seed", type=seed_int, default=None)
+    sc.add_argument("--quiet", action="store_true", help="no line per fit on stderr")
+    _threads_option(sc)
+    sc.set_defaults(func=cmd_scm)
 
     from nlmefit.benchmark.generative import add_arguments as bench_arguments
 
