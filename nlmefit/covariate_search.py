@@ -21,7 +21,6 @@ the median). Continuous covariates are centred on the median of the subjects' ba
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import sys
@@ -35,6 +34,7 @@ import pandas as pd
 import torch
 from scipy.stats import chi2
 
+from nlmefit._io import atomic_csv
 from nlmefit.api import fit
 from nlmefit.errors import DataError, EstimationError, ModelSpecError
 from nlmefit.models.formula import parse_formula
@@ -104,14 +104,7 @@ class ScmResult:
         written = []
         for name, frame in (("scm_log.csv", self.log), ("scm_selected.csv", sel)):
             path = d / name
-            tmp = path.with_name(path.name + ".tmp")
-            try:
-                frame.to_csv(tmp, index=False)
-                os.replace(tmp, path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
+            atomic_csv(frame, path)
             written.append(path)
         return written
 

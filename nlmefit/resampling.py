@@ -41,6 +41,7 @@ import pandas as pd
 import torch
 from scipy.stats import norm
 
+from nlmefit._io import atomic_csv
 from nlmefit.errors import DataError, EstimationError, ModelSpecError
 from nlmefit.estimators.base import get_estimator
 from nlmefit.estimators.multistart import replica_minimize
@@ -133,7 +134,7 @@ class BootstrapResult:
             frames["bootstrap_jackknife.csv"] = self.jackknife
         paths = []
         for name, df in frames.items():
-            _atomic_csv(df, out / name)
+            atomic_csv(df, out / name)
             paths.append(out / name)
         return paths
 
@@ -307,12 +308,3 @@ def _bar(total: int, on: bool):
     return tqdm(total=total, desc="bootstrap refits", unit="refit")
 
 
-def _atomic_csv(df: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    try:
-        df.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise

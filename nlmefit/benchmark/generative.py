@@ -36,6 +36,7 @@ import pandas as pd
 import torch
 
 import nlmefit
+from nlmefit._io import atomic_write
 from nlmefit.baselines import PanelView
 from nlmefit.benchmark._util import machine
 from nlmefit.benchmark.generative_data import SIMULATORS, BenchData, simulate_benchmark
@@ -208,14 +209,12 @@ def save(result: BenchResult, out: str | os.PathLike) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written = []
 
-    def atomic(path: Path, write) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        write(tmp)
-        os.replace(tmp, path)
+    def atomic(path: Path, write, binary: bool = False) -> None:
+        atomic_write(path, write, binary=binary)
         written.append(path)
 
-    atomic(out / "table.csv", lambda p: result.table.to_csv(p, index=False))
-    atomic(out / "table.txt", lambda p: p.write_text(result.format() + f"\n\nmachine: {result.machine}\n"))
+    atomic(out / "table.csv", lambda fh: result.table.to_csv(fh, index=False))
+    atomic(out / "table.txt", lambda fh: fh.write(result.format() + f"\n\nmachine: {result.machine}\n"))
     regimens = list(result.views)
     metrics = ["NLL", "ENERGY", "MMD", "SLICED_W", "C2ST", "COVERAGE_MAE"]
     fig, axes = plt.subplots(len(regimens), len(metrics), figsize=(3.2 * len(metrics), 2.8 * len(regimens)),
@@ -228,7 +227,7 @@ def save(result: BenchResult, out: str | os.PathLike) -> list[Path]:
             ax.set_title(f"{met} — {reg}" if c == 0 else met, fontsize=8)
             ax.tick_params(axis="x", labelrotation=90, labelsize=7)
     fig.tight_layout()
-    atomic(out / "metrics.png", lambda p: fig.savefig(p, format="png", dpi=90))
+    atomic(out / "metrics.png", lambda fh: fig.savefig(fh, format="png", dpi=90), binary=True)
     plt.close(fig)
     names = list(dict.fromkeys(m for m, _ in result.samples))
     fig, axes = plt.subplots(len(regimens), len(names), figsize=(2.6 * len(names), 2.4 * len(regimens)),
@@ -251,7 +250,7 @@ def save(result: BenchResult, out: str | os.PathLike) -> list[Path]:
             if c == 0:
                 ax.set_ylabel(reg, fontsize=7)
     fig.tight_layout()
-    atomic(out / "profiles.png", lambda p: fig.savefig(p, format="png", dpi=90))
+    atomic(out / "profiles.png", lambda fh: fig.savefig(fh, format="png", dpi=90), binary=True)
     plt.close(fig)
     return written
 

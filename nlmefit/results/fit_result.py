@@ -23,7 +23,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ import torch
 from scipy.stats import norm
 
 from nlmefit import diagnostics as dg
+from nlmefit._io import atomic_write as _atomic_write
 from nlmefit.models.spec import restore as restore_model_spec
 from nlmefit.models.spec import spec_of as model_spec_of
 from nlmefit.panel import Panel
@@ -461,23 +461,6 @@ class FitResult:
 def _weights_path(path: str) -> str:
     stem = path[:-5] if path.endswith(".json") else path
     return stem + ".pt"
-
-
-def _atomic_write(path: str, write, binary: bool = False) -> None:
-    """Write through a temporary file in the same folder and rename, keeping the umask's file mode."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb" if binary else "w") as fh:
-            write(fh)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _traces_from_json(obj) -> pd.DataFrame | None:

@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from nlmefit.results.fit_result import _atomic_write
+from nlmefit._io import atomic_write as _atomic_write
 
 __all__ = ["write_tables", "ext_columns", "MAX_CATEGORICAL_LEVELS"]
 
