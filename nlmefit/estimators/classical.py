@@ -18,7 +18,7 @@ import torch
 
 from nlmefit.errors import EstimationError, ModelSpecError
 from nlmefit.estimators.base import Estimator, check_covariance
-from nlmefit.estimators.multistart import batched_params, lockstep_minimize, perturbed_starts
+from nlmefit.estimators.multistart import perturbed_starts, replica_minimize
 from nlmefit.marginal.approximations import LOG_2PI
 from nlmefit.marginal.linearisation import Conditional, Linearisation
 from nlmefit.models.data import ObservationData
@@ -200,49 +200,23 @@ def _multistart_fit(est: ClassicalEstimator, model: LatentModel, mdata: Observat
     n, q, k = mdata.n_subjects, mdata.q, est.n_starts
     p0 = pset.initial(torch.float64, dev)
     U0 = perturbed_starts(pset, p0, k, est.start_spread, seed=0 if seed is None else int(seed))
-    eta = torch.zeros(k, n, q, dtype=torch.float64, device=dev)
-    reps = {}
-    n_eval = [0]
-
-    def replicated(m: int) -> ObservationData:
-        if m not in reps:
-            reps[m] = mdata.index(torch.arange(n, device=dev).repeat(m))
-        return reps[m]
-
-    def batch_eval(starts: list[int], points: np.ndarray) -> list[tuple[float, np.ndarray]]:
-        U = torch.tensor(points, dtype=torch.float64, device=dev, requires_grad=True)
-        try:
-            p = batched_params(pset, U, n)
-            e = lin.modes(model, p, replicated(len(starts)), eta[starts].reshape(-1, q))
-            m2 = lin.subject_m2ll(model, p, replicated(len(starts)), e).reshape(len(starts), n).sum(1)
-            ok = torch.isfinite(m2)
-            torch.where(ok, m2, torch.zeros_like(m2)).sum().backward()
-        except (torch.linalg.LinAlgError, RuntimeError):
-            if len(starts) == 1:
-                return [(1e20, np.zeros(points.shape[1]))]
-            return [batch_eval([s], points[j:j + 1])[0] for j, s in enumerate(starts)]
-        n_eval[0] += 1
-        if est._progress is not None:
-            est._progress(n_eval[0], float(m2.detach().min()) - mdata.n_uncensored * LOG_2PI)
-        g = U.grad.detach().cpu().numpy()
-        e = e.detach().reshape(len(starts), n, q)
-        out = []
-        for j, s in enumerate(starts):
-            v = float(m2[j].detach())
-            if not math.isfinite(v) or not np.isfinite(g[j]).all():
-                out.append((1e20, np.zeros_like(g[j])))
-                continue
-            eta[s] = e[j]
-            out.append((v, g[j]))
-        return out
-
-    first = batch_eval(list(range(k)), U0.cpu().numpy())
-    if first[0][0] >= 1e20:
+    zero = torch.zeros(n, q, dtype=torch.float64, device=dev)
+    with torch.enable_grad():
+        f0 = float(lin.subject_m2ll(model, p0, mdata, lin.modes(model, p0, mdata, zero)).sum().detach())
+    if not math.isfinite(f0):
         raise EstimationError(f"{est.name}: the objective is not finite at the initial values (start 0 of "
                               f"{k}); check the initial estimates and the data"
-                              f"{_nonfinite_note(model, p0, mdata, lin, torch.zeros(n, q, dtype=torch.float64))}")
+                              f"{_nonfinite_note(model, p0, mdata, lin, zero)}")
+    n_eval = [0]
+
+    def tick(replicas: list[int]) -> None:
+        n_eval[0] += 1
+        if est._progress is not None:
+            est._progress(n_eval[0], float("nan"))
+
     opts = dict(maxiter=est.maxiter, maxcor=30, ftol=1e-13, gtol=est.gtol, maxls=50)
-    res = lockstep_minimize(batch_eval, U0.cpu().numpy(), opts)
+    # K replicas of all subjects, each with its own start: one batched objective per lockstep step
+    res = replica_minimize(model, lin, mdata, [np.arange(n)] * k, U0.cpu().numpy(), opts, on_batch=tick)
     ofv_const = mdata.n_uncensored * LOG_2PI
     finals = np.array([r.fun if r.fun < 1e20 else np.inf for r in res]) - ofv_const
     best = int(np.nanargmin(finals))
@@ -252,7 +226,7 @@ def _multistart_fit(est: ClassicalEstimator, model: LatentModel, mdata: Observat
         warnings.warn(f"{est.name}: minimisation of the best start did not report success: {r.message}", stacklevel=4)
     with torch.no_grad():
         p_hat = pset.from_unconstrained(torch.tensor(r.x, dtype=torch.float64, device=dev))
-    eta_hat = lin.modes(model, p_hat, mdata, eta[best])
+    eta_hat = lin.modes(model, p_hat, mdata, zero)
     within = int(np.sum(finals - finals[best] < 0.01))
     starts_rec = {"n_starts": k, "spread": est.start_spread, "best": best,
                   "ofv": [float(v) if np.isfinite(v) else None for v in finals],

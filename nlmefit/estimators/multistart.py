@@ -16,9 +16,10 @@ Starts: start 0 is the given initial values; start k > 0 multiplies every free �
 drawn uniformly from [1 − s, 1 + s] (s = ``spread``, default 0.5; Ω as D^½ Ω D^½, keeping its correlations;
 bounded θ kept inside their bounds), seeded.
 
-:func:`replica_minimize` is the same lockstep with replicas that differ in their data, not their start: replica
-r is a list of subject positions (repeats allowed, sizes may differ), as the bootstrap's resamples and the
-jackknife's leave-one-out sets (:mod:`nlmefit.resampling`).
+:func:`replica_minimize` runs the lockstep for replicas that may differ in their data as well as their start:
+replica r is a list of subject positions (repeats allowed, sizes may differ). The multi-start fit uses it with K
+copies of all subjects; the bootstrap with its resamples and the jackknife's leave-one-out sets
+(:mod:`nlmefit.resampling`).
 """
 from __future__ import annotations
 
@@ -81,9 +82,8 @@ def _fixed_eta(pset: ParameterSet, name: str) -> bool:
 
 def batched_params(pset: ParameterSet, U: torch.Tensor, n: int) -> Params:
     """Per-virtual-subject parameters for k starts ``U`` [k, P]: each start's values repeated for its n subjects
-    (start-major), as per-subject copies [k·n] that the models broadcast over."""
-    x = torch.stack([pset.to_natural_vector(pset.from_unconstrained(u)) for u in U])
-    return pset.from_natural_vector(x.repeat_interleave(n, 0))
+    (start-major), as per-subject copies [k·n] that the models broadcast over (``replica_params``, equal sizes)."""
+    return replica_params(pset, U, n)
 
 
 def replica_params(pset: ParameterSet, U: torch.Tensor, sizes: torch.Tensor) -> Params:
