@@ -13,6 +13,7 @@ models; no estimator knows the difference.
 from __future__ import annotations
 
 import copy
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -60,7 +61,7 @@ class DesignData(ObservationData):
                    col=torch.as_tensor(col, device=y.device), ctx=ctx.to(torch.float64))
 
 
-class DesignModel:
+class DesignModel(ABC):
     """Base of the design-aligned latent models (see the module docstring).
 
     Subclasses set ``parameters`` (their θ and weights, Ω = I fixed over ``q`` effects, σ per time point or
@@ -77,11 +78,13 @@ class DesignModel:
     eta_names = property(lambda self: self.parameters.eta_names)
 
     # ------------------------------------------------------------------ subclass hooks
+    @abstractmethod
     def design_mean(self, p: Params, eta: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """f [..., N, d]: the mean at every design time."""
 
+    @abstractmethod
     def design_sd(self, p: Params) -> torch.Tensor:
-        raise NotImplementedError
+        """σ [d]: the residual SD at every design time."""
 
     # ------------------------------------------------------------------ LatentModel
     def prepare(self, data, device=None, dtype=torch.float64) -> DesignData:

@@ -107,23 +107,27 @@ class Trainer:
         bar = tqdm(range(start, self.max_epochs), disable=not self.progress, desc=type(objective).__name__)
         for epoch in bar:
             objective.train()
-            tot, cnt = 0.0, 0
+            # losses are summed and checked on the device: no host synchronisation per optimiser step
+            tot = torch.zeros((), dtype=torch.float64, device=device)
+            finite = torch.ones((), dtype=torch.bool, device=device)
+            cnt = 0
             for idx in torch.randperm(n, generator=shuffle).split(self.batch_size):
                 batch = tuple(t[idx.to(device)] for t in train)
                 for ph, opt in zip(phases, opts):
                     for _ in range(ph.steps):
                         loss = objective.loss(batch, ph.name, noise)
-                        if not torch.isfinite(loss):
-                            raise EstimationError(f"{type(objective).__name__}: non-finite {ph.name} loss at "
-                                                  f"epoch {epoch}; lower lr (now {ph.lr or self.lr:g})")
+                        finite = finite & torch.isfinite(loss.detach())
                         opt.zero_grad(set_to_none=True)
                         loss.backward()
                         if self.grad_clip is not None:
                             nn.utils.clip_grad_norm_(ph.params, self.grad_clip)
                         opt.step()
-                tot += float(loss.detach()) * len(idx)
+                tot = tot + loss.detach().double() * len(idx)
                 cnt += len(idx)
-            train_loss = tot / cnt
+            if not bool(finite):
+                raise EstimationError(f"{type(objective).__name__}: non-finite training loss in epoch {epoch}; "
+                                      f"lower lr (now {self.lr:g})")
+            train_loss = float(tot) / cnt
             val = self._validate(objective, valid) if valid is not None else train_loss
             hist.epochs.append({"epoch": epoch, "train_loss": train_loss, "valid_loss": val,
                                 "time_s": time.perf_counter() - t0})
