@@ -19,6 +19,8 @@ def fit(model, data, method: str = "focei", init=None, seed: int | None = None,
     ``compute_loglik``: also evaluate the marginal −2LL at the estimates by ``"is"`` or ``"agq"`` (options in
     ``loglik_options``, see :func:`nlmefit.loglik`); the value lands in ``result.likelihoods``. The fit's own
     ``ofv`` is unchanged (except SAEM's, which is always an IS or AGQ value).
+    ``progress``: None (default: a bar when stderr is a terminal or in a notebook), True, False, or — for the
+    classical estimators and SAEM — a callable ``(n, ofv)``; see :mod:`nlmefit.progress`.
     """
     result = get_estimator(method, **options).fit(model, data, init=init, seed=seed)
     units = data_units(data)  # df.attrs["units"]: the data's declared column units, shown in the summary
@@ -28,5 +30,7 @@ def fit(model, data, method: str = "focei", init=None, seed: int | None = None,
         opts = dict(loglik_options or {})
         if seed is not None:
             opts.setdefault("seed", seed)
+        prog = options.get("progress")
+        opts.setdefault("progress", False if callable(prog) and not isinstance(prog, bool) else prog)
         result = result.with_likelihood(loglik(result, method=compute_loglik, **opts))
     return result

@@ -21,9 +21,9 @@ the median). Continuous covariates are centred on the median of the subjects' ba
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,9 +41,13 @@ from nlmefit.models.formula import parse_formula
 from nlmefit.models.model import Model
 from nlmefit.models.spec import _ATTR as _SPEC_ATTR
 from nlmefit.models.spec import restore
+from nlmefit.models.structure import OPTIONAL_PK_PARAMS
 from nlmefit.panel import Panel
+from nlmefit.progress import logging_redirect, progress_bar
 
 __all__ = ["scm", "ScmResult", "Relationship", "RELATIONSHIPS"]
+
+logger = logging.getLogger(__name__)
 
 RELATIONSHIPS = ("power", "exponential", "categorical")
 LOG_COLUMNS = ["step", "direction", "parameter", "covariate", "relationship", "ofv", "delta_ofv", "df", "p_value",
@@ -204,7 +208,8 @@ def _terms(panel: Panel, col: str, rel: str | None, param: str) -> tuple[str, tu
 def _candidates(model: Model, panel: Panel, candidates, relationships) -> list[Relationship]:
     if not isinstance(candidates, Mapping) or not candidates:
         raise ModelSpecError("scm: candidates must be a non-empty mapping {parameter: [covariate, ...]}")
-    params = list(model.structure.param_names)
+    # structural parameters and the optional ones the model declares (tlag, f, ...): formulas take both
+    params = list(model.structure.param_names) + [k for k in OPTIONAL_PK_PARAMS if k in model.parameters.theta]
     default = dict(relationships or {})
     out: list[Relationship] = []
     existing = {t.coef for t in model.terms}
@@ -281,7 +286,8 @@ def _is_constant(panel: Panel, col: str) -> bool:
 # ---------------------------------------------------------------------- the search
 def scm(model: Model, data, candidates: Mapping[str, Sequence], *, method: str = "focei", p_forward: float = 0.05,
         p_backward: float = 0.01, relationships: Mapping[str, str] | None = None, init=None,
-        covariance: str | None = None, backward: bool = True, progress: bool = False, **fit_options) -> ScmResult:
+        covariance: str | None = None, backward: bool = True, progress: bool | None = None,
+        **fit_options) -> ScmResult:
     """Stepwise covariate modelling of ``model`` on ``data``.
 
     ``candidates``: ``{parameter: [column, (column, relationship), ...]}``; relationships are ``"power"``
@@ -291,7 +297,8 @@ def scm(model: Model, data, candidates: Mapping[str, Sequence], *, method: str =
     coefficients) and backward tests. ``init``: starting values of the base fit (as :func:`nlmefit.fit`); every
     later fit starts from the estimates of the model it extends, new coefficients at 0. ``covariance``: the
     covariance step of every fit (None: skipped, as the search needs only OFVs). ``fit_options`` go to
-    :func:`nlmefit.fit`. ``progress``: one line per fit on stderr.
+    :func:`nlmefit.fit`. ``progress``: a bar over the fits (None: automatic, :mod:`nlmefit.progress`); every fit
+    is also logged, one line (OFV, ΔOFV, p) at INFO on the logger ``nlmefit.covariate_search``.
     """
     t0 = time.perf_counter()
     if not isinstance(model, Model):
@@ -307,7 +314,7 @@ def scm(model: Model, data, candidates: Mapping[str, Sequence], *, method: str =
             raise ModelSpecError(f"scm: {k}= is not supported (every fit's own OFV is compared)")
     panel = data if isinstance(data, Panel) else Panel.from_dataframe(data)
     pool = _candidates(model, panel, candidates, relationships)
-    options = dict(fit_options, covariance=covariance)
+    options = dict(fit_options, covariance=covariance, progress=False)  # the search's own bar, not one per fit
     base_data = model.prepare(panel, device=options.get("device"))
     constant = {r.covariate: _is_constant(panel, r.covariate) for r in pool}
     rows: list[dict] = []
@@ -336,14 +343,18 @@ def scm(model: Model, data, candidates: Mapping[str, Sequence], *, method: str =
                res.n_estimated, "elapsed_s": math.nan if res is None else float(res.elapsed_s),
                "terms": "" if rel is None else " + ".join(rel.terms), "note": note}
         rows.append(row)
-        if progress:
-            what = "base model" if rel is None else f"{direction} {'+' if sign > 0 else '-'}{rel}"
-            print(f"scm step {step}: {what}: OFV {ofv:.3f}" + ("" if rel is None else
-                  f", ΔOFV {delta:.3f}, p {p:.3g}") + (f" ({note})" if note else ""), file=sys.stderr)
+        what = "base model" if rel is None else f"{direction} {'+' if sign > 0 else '-'}{rel}"
+        with logging_redirect(bar):  # the line above the bar, not through it
+            logger.info("scm step %d: %s: OFV %.3f%s%s", step, what, ofv,
+                        "" if rel is None else f", ΔOFV {delta:.3f}, p {p:.3g}", f" ({note})" if note else "")
+        bar.set_postfix(step=step, ofv=f"{ofv:.3f}", refresh=False)
+        bar.update(1)
         return row
 
+    bar = progress_bar(None, "scm", "fit", enabled=progress)
     m0, base_fit, note = run([], None)
     if base_fit is None:
+        bar.close()
         raise EstimationError(f"scm: the base model's fit failed ({note})")
     record(0, "base", None, base_fit, "", base_fit.ofv, 0, 1)
     current: list[Relationship] = []
@@ -381,6 +392,7 @@ def scm(model: Model, data, candidates: Mapping[str, Sequence], *, method: str =
         worst[3]["removed"] = True
         current = [q for q in current if q is not worst[0]]
         cur_model, cur_fit = worst[1], worst[2]
+    bar.close()
     log = pd.DataFrame(rows, columns=LOG_COLUMNS)
     return ScmResult(log=log, final_model=cur_model, final_fit=cur_fit, selected=[r.key for r in current],
                      base_fit=base_fit, relationships=list(current), p_forward=float(p_forward),

@@ -41,8 +41,9 @@ def _fit_inputs(fit, data):
     return model, p, data, eta0
 
 
-def loglik(fit, method: str = "is", data=None, **options) -> LoglikEstimate:
+def loglik(fit, method: str = "is", data=None, progress: bool | None = None, **options) -> LoglikEstimate:
     """Marginal −2LL of ``fit``'s model at its estimates (options: :func:`nlmefit.marginal.marginal_loglik`).
+    ``progress``: a bar over the importance draws (or the AGQ stages), :mod:`nlmefit.progress`.
 
     ``proposal="posterior"`` uses the fit's posterior. Nothing is written into ``fit``: record the value with
     ``fit.with_likelihood(estimate)``, which returns a new FitResult."""
@@ -52,4 +53,4 @@ def loglik(fit, method: str = "is", data=None, **options) -> LoglikEstimate:
             raise ValueError(f"proposal='posterior' needs the fit's posterior draws or family on the fitted data; "
                              f"this {fit.method} fit has none here — use 'laplace' or 't'")
         options["posterior"] = fit.posterior
-    return marginal_loglik(model, p, data, method=method, eta0=eta0, **options)
+    return marginal_loglik(model, p, data, method=method, eta0=eta0, progress=progress, **options)

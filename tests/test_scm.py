@@ -83,6 +83,21 @@ def test_relationship_terms():
         _terms(panel, "SEX", "power", "cl")
 
 
+def test_candidates_on_a_declared_lag_time():
+    """tlag/f/... that the model declares (library.get(theta={"tlag": ...})) take formula terms like cl or v."""
+    from nlmefit.covariate_search import _build, _candidates
+
+    model = nlmefit.library.get("1cmt_oral", error="combined2", dvid="cp", theta={"tlag": 0.5})
+    panel = nlmefit.Panel.from_dataframe(_data())
+    (rel,) = _candidates(model, panel, {"tlag": ["AGE"]}, None)
+    assert (rel.parameter, rel.terms) == ("tlag", ("log(AGE / 27.5)",))
+    built = _build(model, [rel])
+    assert [(t.param, t.coef) for t in built.terms] == [("tlag", "beta_tlag_log(AGE/27.5)")]
+    assert "tlag" in built.parameters.theta and not model.terms  # the base model is untouched
+    with pytest.raises(nlmefit.ModelSpecError, match=r"'f' is not a parameter .*'tlag'"):
+        _candidates(model, panel, {"f": ["AGE"]}, None)  # not declared by this model
+
+
 @pytest.mark.parametrize("cands, err, match", [
     ({"clearance": ["WT"]}, nlmefit.ModelSpecError, "'clearance' is not a parameter"),
     ({"cl": ["WEIGHT"]}, nlmefit.DataError, "'WEIGHT' is not a data column"),
@@ -131,3 +146,23 @@ def test_acceptance_wt_age_sex_on_cl_and_v():
     assert ("cl", "WT") in set(zip(inc["parameter"], inc["covariate"]))  # WT on CL is included going forward
     assert ("v", "WT", "power") in res.selected
     assert log.loc[log["direction"] != "base", "delta_ofv"].notna().all()
+
+
+@pytest.mark.slow
+def test_lag_time_combined_error_base_gives_the_same_wt_on_cl_decision():
+    """docs/scm.md, "warfarin: what the data say": with the better base model (absorption lag, combined error;
+    OFV 285.1 vs 474.5) WT on V enters (ΔOFV 24.8), WT on CL follows (ΔOFV 5.2, p 0.022) and is removed again at
+    p < 0.01 (it would need 6.63)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = nlmefit.library.get("1cmt_oral", error="combined2", dvid="cp", theta={"tlag": 0.5})
+        res = nlmefit.scm(base, _data(), {"cl": ["WT"], "v": ["WT"]})
+    log = res.log
+    inc = log[(log["direction"] == "forward") & log["included"]]
+    assert list(zip(inc["parameter"], inc["covariate"])) == [("v", "WT"), ("cl", "WT")]
+    assert res.base_fit.ofv == pytest.approx(285.14, abs=0.05)
+    cl_fwd = inc.iloc[1]
+    assert chi2.isf(0.05, 1) < cl_fwd["delta_ofv"] < chi2.isf(0.01, 1)
+    removed = log[log["removed"]]
+    assert list(removed["covariate"] + "-" + removed["parameter"]) == ["WT-cl"]
+    assert res.selected == [("v", "WT", "power")]

@@ -57,6 +57,8 @@ def run(sizes: list[int], device: str, methods: list[str], fit_max: int) -> None
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Command line (``argv``, default ``sys.argv[1:]``): ``--sizes``, ``--device``, ``--methods``, ``--fit-max``;
+    prints one row per problem, method and size."""
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--sizes", type=int, nargs="*", default=[1000, 10000, 100000])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -19,6 +19,8 @@ __all__ = ["main", "frame"]
 
 
 def frame(n_subjects: int, n_obs: int = 10, seed: int = 0) -> pd.DataFrame:
+    """A synthetic NONMEM frame: per subject one 100-unit dose into CMT 1 at time 0, then ``n_obs`` observations
+    (CMT 2) at geometric times 0.25…24 with log-normal DV, and a baseline weight ``WT`` ~ N(70, 10²)."""
     rng = np.random.default_rng(seed)
     times = np.geomspace(0.25, 24, n_obs)
     per = n_obs + 1
@@ -33,6 +35,7 @@ def frame(n_subjects: int, n_obs: int = 10, seed: int = 0) -> pd.DataFrame:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Command line (``argv``, default ``sys.argv[1:]``): ``--subjects``, ``--device``; prints one row per size."""
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--subjects", type=int, nargs="*", default=[10000, 100000])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

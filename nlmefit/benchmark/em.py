@@ -121,6 +121,8 @@ def _write_json(obj: dict, path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
+    """Command line (``argv``, default ``sys.argv[1:]``; options in the module docstring): runs :func:`run`,
+    prints the rows, writes them to ``--out`` when given, and returns them."""
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--sizes", type=int, nargs="*", default=None,
                     help="simulated population sizes (default 10000; 1000 with --quick)")

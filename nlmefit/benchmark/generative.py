@@ -26,6 +26,7 @@ training on 10–60 mg).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ from nlmefit.benchmark.generative_data import SIMULATORS, BenchData, simulate_be
 from nlmefit.errors import DataError, ModelSpecError
 from nlmefit.marginal import marginal_loglik
 from nlmefit.metrics import compare
+from nlmefit.progress import NoBar, logging_redirect, progress_bar
 
 __all__ = ["MODELS", "BenchResult", "run_benchmark", "make_baseline", "main"]
 
@@ -50,6 +52,7 @@ NLME_MODELS = ("nlme_focei", "nlme_vem")
 BASELINE_MODELS = ("ppca", "vae", "ddpm", "ebm", "gan", "nf", "flow_matching")
 MODELS = NLME_MODELS + BASELINE_MODELS
 HELD_OUT = "held-out (training regimen)"
+logger = logging.getLogger(__name__)
 COLUMNS = ["MODEL", "REGIMEN", "KIND", "NLL", "ENERGY", "MMD", "SLICED_W", "C2ST", "COVERAGE_MAE", "FIT_S",
            "DEVICE", "NOTE"]
 
@@ -106,20 +109,23 @@ class _Nlme:
     kind = "estimate"
     conditional = True
 
-    def __init__(self, name: str, model: nlmefit.Model, method: str, *, quick: bool, device, seed: int, start=None):
+    def __init__(self, name: str, model: nlmefit.Model, method: str, *, quick: bool, device, seed: int, start=None,
+                 progress: bool | None = None):
         self.name, self.model, self.method = name, model, method
         self.quick, self.device, self.seed, self.start = quick, device, seed, start
+        self.progress = progress
 
     def fit(self, train: pd.DataFrame):
         model = self.model
         t0 = time.perf_counter()
         if self.method == "focei":
-            self.result = nlmefit.fit(model, train, method="focei", covariance=None, device=self.device)
+            self.result = nlmefit.fit(model, train, method="focei", covariance=None, device=self.device,
+                                      progress=self.progress)
         else:
             opts = dict(max_steps=40, min_steps=20) if self.quick else {}
             init = None if self.start is None else self.start.estimates.to_dict()
             self.result = nlmefit.fit(model, train, method="vem", posterior="nsf", init=init, covariance=None,
-                                      seed=self.seed, device=self.device, **opts)
+                                      seed=self.seed, device=self.device, progress=self.progress, **opts)
         self.fit_time_s = time.perf_counter() - t0
         return self
 
@@ -127,7 +133,8 @@ class _Nlme:
         model = self.result.model
         data = model.prepare(frame, device=self.device)
         p = self.result.population_parameters(device=data.y.device)
-        est = marginal_loglik(model, p, data, "is", n_samples=200 if self.quick else 1000, seed=self.seed)
+        est = marginal_loglik(model, p, data, "is", n_samples=200 if self.quick else 1000, seed=self.seed,
+                              progress=False)
         lp = np.asarray(est.loglik_i)
         if getattr(getattr(model, "error", None), "log_scale", False):  # density of log(DV) → of DV
             lp = lp - torch.where(data.mask, data.y, torch.zeros_like(data.y)).sum(-1).cpu().numpy()
@@ -147,8 +154,9 @@ def _nll(lp: np.ndarray) -> float:
 
 
 def run_benchmark(bench: BenchData, *, models=MODELS, n_samples: int = 1000, quick: bool = False, device=None,
-                  seed: int = 0, progress: bool = False) -> BenchResult:
-    """Fit every model in ``models`` on ``bench.train`` and score it (see the module docstring)."""
+                  seed: int = 0, progress: bool | None = None) -> BenchResult:
+    """Fit every model in ``models`` on ``bench.train`` and score it (see the module docstring). ``progress``: a bar
+    over the models (None: automatic, :mod:`nlmefit.progress`); each model's start is logged (INFO)."""
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         raise ModelSpecError(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
@@ -168,13 +176,17 @@ def run_benchmark(bench: BenchData, *, models=MODELS, n_samples: int = 1000, qui
         samples[(name, regimen)] = smp
 
     focei = None
-    for name in models:
-        if progress:
-            print(f"bench: fitting {name} …", flush=True)
+    bar = progress_bar(len(models), "bench", "model", enabled=progress)
+    for k, name in enumerate(models):
+        with logging_redirect(bar):
+            logger.info("bench: fitting %s …", name)
+        bar.set_postfix_str(name, refresh=False)
+        bar.update(k - bar.n)  # the models done so far
         if name in NLME_MODELS:
             method = "focei" if name == "nlme_focei" else "vem"
             m = _Nlme(name, bench.fit_model, method, quick=quick, device=device, seed=seed,
-                      start=focei.result if (focei is not None and method == "vem") else None).fit(bench.train)
+                      start=focei.result if (focei is not None and method == "vem") else None,
+                      progress=False if isinstance(bar, NoBar) else None).fit(bench.train)
             if method == "focei":
                 focei = m
             for regimen, frame in frames.items():
@@ -192,6 +204,8 @@ def run_benchmark(bench: BenchData, *, models=MODELS, n_samples: int = 1000, qui
             smp = b.sample(n_samples, context=view.context[np.arange(n_samples) % view.n], seed=seed + 3)
             note = "dose as input; regimen not seen in training" if regimen != HELD_OUT else ""
             score(name, b.kind, b.fit_time_s, regimen, lp, smp, note)
+    bar.update(len(models) - bar.n)
+    bar.close()
     table = pd.DataFrame(rows, columns=COLUMNS)
     return BenchResult(table=table, samples=samples, views=views, machine=machine(dev),
                        total_s=time.perf_counter() - t_start)
@@ -278,6 +292,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="folder for table.csv, table.txt, metrics.png, profiles.png")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no line per model on stderr")
 
 
 def run_from_args(args, bench: BenchData | None = None) -> int:
@@ -296,7 +311,7 @@ def run_from_args(args, bench: BenchData | None = None) -> int:
     if args.device and str(args.device).startswith("cuda") and not torch.cuda.is_available():
         raise ModelSpecError("--device cuda: no CUDA device is available")
     res = run_benchmark(bench, models=models, n_samples=args.samples, quick=args.quick, device=args.device,
-                        seed=args.seed, progress=True)
+                        seed=args.seed, progress=False if getattr(args, "quiet", False) else None)
     n_train, n_test = bench.train["ID"].nunique(), bench.test["ID"].nunique()
     print(f"nlmefit bench: {bench.name}, {n_train} training / {n_test} held-out subjects; NLL per subject on the "
           f"concentration scale; {res.machine}; {res.total_s:.1f} s")
@@ -308,9 +323,13 @@ def run_from_args(args, bench: BenchData | None = None) -> int:
 
 
 def main(argv=None) -> int:
+    """Command line (``argv``, default ``sys.argv[1:]``; the options of ``nlmefit bench``, see
+    :func:`add_arguments`): runs the benchmark, prints the table, writes it to ``--out`` when given; returns 0."""
     ap = argparse.ArgumentParser(prog="python -m nlmefit.benchmark.generative", description=__doc__.split("\n")[0])
     add_arguments(ap)
-    return run_from_args(ap.parse_args(argv))
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    return run_from_args(args)
 
 
 if __name__ == "__main__":  # pragma: no cover

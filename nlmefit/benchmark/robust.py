@@ -67,7 +67,7 @@ def _fit(model, df, init, method: str) -> dict:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            res = nlmefit.fit(model, df, method=method, init=init, covariance=None)
+            res = nlmefit.fit(model, df, method=method, init=init, covariance=None, progress=False)  # a table
         return {"ofv": float(res.ofv), "s": time.perf_counter() - t0, "converged": bool(res.converged),
                 "error": None, "estimates": res.estimates.to_dict(),
                 "initial": dict(getattr(res, "initial", {}) or {}).get("values"),
@@ -115,6 +115,8 @@ def run(sets: list[str], method: str = "focei", full: bool = True) -> list[dict]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
+    """Command line (``argv``, default ``sys.argv[1:]``): ``--sets``, ``--method``, ``--no-full``, ``--out``; runs
+    :func:`run`, writes the rows to ``--out`` when given, and returns them."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sets", nargs="*", default=list(SETS), choices=SETS, metavar="NAME",
                     help="which sets (default: all twelve)")

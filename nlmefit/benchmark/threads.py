@@ -53,12 +53,16 @@ def _fit_seconds(threads: int, maxiter: int, repeats: int) -> tuple[float, float
     best, ofv = float("inf"), float("nan")
     for _ in range(repeats):
         with timer() as t:
-            res = nlmefit.fit(model, df, method="focei", covariance=None, maxiter=maxiter, threads=threads)
+            res = nlmefit.fit(model, df, method="focei", covariance=None, maxiter=maxiter, threads=threads,
+                              progress=False)
         best, ofv = min(best, t["s"]), res.ofv
     return best, ofv
 
 
 def run(busy: int, repeats: int, maxiter: int) -> list[dict]:
+    """Time the theophylline FOCE-I fit on 1 thread and on torch's default count, idle and with ``busy``
+    competing processes (fastest of ``repeats``); prints and returns one row per condition (machine, threads,
+    seconds, OFV)."""
     default = torch.get_num_threads()
     print(f"# torch {torch.__version__}; {os.cpu_count()} cores; torch's default {default} threads; "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}; busy processes: {busy}")
@@ -79,6 +83,7 @@ def run(busy: int, repeats: int, maxiter: int) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Command line (``argv``, default ``sys.argv[1:]``): ``--busy``, ``--repeats``, ``--maxiter``; runs :func:`run`."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--busy", type=int, default=os.cpu_count() or 1, help="competing processes (default: cores)")
     ap.add_argument("--repeats", type=int, default=1, help="fits per condition; the fastest is reported")

@@ -61,7 +61,7 @@ def _start(truth: dict) -> dict:
 
 
 def _vem_row(label: str, model, df, init: dict, device: str, **options) -> dict:
-    est = TimedVEM(covariance=None, device=device, **options)
+    est = TimedVEM(covariance=None, device=device, progress=False, **options)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         t0 = time.perf_counter()
@@ -81,7 +81,8 @@ def _classic_row(label: str, model, df, init: dict, device: str, method: str, **
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with timer() as t:
-            res = nlmefit.fit(model, df, method=method, init=init, seed=1, covariance=None, device=device, **options)
+            res = nlmefit.fit(model, df, method=method, init=init, seed=1, covariance=None, device=device,
+                              progress=False, **options)
     return {"method": label, "plateau_s": None, "plateau_step": None, "steps": int(res.n_iter), "s_per_step": None,
             "total_s": t["s"],
             "ofv": float(res.ofv), "m2ll": -2.0 * float(res.loglik), "m2elbo": None, "converged": bool(res.converged),
@@ -126,6 +127,8 @@ def run(sizes: list[int], device: str, posterior: str = "gaussian", max_steps: i
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
+    """Command line (``argv``, default ``sys.argv[1:]``; options in the module docstring): runs :func:`run`,
+    writes the rows to ``--out`` when given, and returns them."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="*", default=None, help="population sizes (default 1000 10000)")
     ap.add_argument("--quick", action="store_true", help="N = 1000 only")

@@ -158,12 +158,14 @@ def npde(
     decorrelate: bool = True,
     censoring: str = "cdf",
     data=None,
+    progress: bool | None = None,
 ) -> NpdeResult:
     """NPDE of a fitted model's observations from ``n_rep`` simulated replicates (see the module docstring).
 
     ``data``: evaluate another data set (DataFrame or Panel, e.g. external validation data) under the fit's
     model and estimates instead of the fitted one. ``censoring``: ``"cdf"`` (impute censored records) or
-    ``"omit"`` (NaN). Reproducible for a given ``seed``.
+    ``"omit"`` (NaN). Reproducible for a given ``seed``. ``progress``: a bar over the 2·``n_rep`` simulated
+    replicates (None: automatic, :mod:`nlmefit.progress`).
     """
     if censoring not in ("cdf", "omit"):
         raise ValueError(f"censoring must be 'cdf' or 'omit', got {censoring!r}")
@@ -171,7 +173,8 @@ def npde(
         raise ValueError(f"n_rep must be at least 10 (1000 is usual), got {n_rep}")
     model, p, mdata = fit_parts(fit, data)
     k = int(n_rep)
-    both = torch.as_tensor(_simulate(model, p, mdata, 2 * k, seed))  # [2K, N, J], DV scale
+    both = torch.as_tensor(_simulate(model, p, mdata, 2 * k, seed, progress=progress,
+                                     desc="NPDE replicates"))  # [2K, N, J], DV scale
     mask = mdata.mask.cpu()
     ysim, ymom = (torch.where(mask, b, torch.zeros_like(b)) for b in (both[:k], both[k:]))
     epred = ysim.mean(0).numpy()  # before any imputation of censored replicates

@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from nlmefit.progress import progress_bar
+
 __all__ = ["simulate_replicates", "observation_lloq", "fit_parts"]
 
 _BUDGET = 1 << 24  # elements of the largest [R_chunk, N, J, D] intermediate of a chunk
@@ -82,6 +84,7 @@ def simulate_replicates(
     chunk: int | None = None,
     return_blq: bool = False,
     lloq: float | None = None,
+    progress: bool | None = None,
 ):
     """``n_rep`` replicates of the data under the fitted model: ``[R, N, J]`` on the DV scale, NaN off the mask.
 
@@ -89,12 +92,13 @@ def simulate_replicates(
     Panel) replaces the fitted data set (e.g. an external validation set). ``chunk``: replicates per prediction
     call (default: bounded by memory). With ``return_blq=True`` the result is ``(y, blq)`` where ``blq[r, i, j]``
     says the simulated value lies below the observation's LLOQ (:func:`observation_lloq`; all False when the data
-    has no censoring and no ``lloq`` is given). The values themselves are returned uncensored.
+    has no censoring and no ``lloq`` is given). The values themselves are returned uncensored. ``progress``: a bar
+    over the replicates (None: automatic, :mod:`nlmefit.progress`).
     """
     if n_rep < 1:
         raise ValueError(f"n_rep must be at least 1, got {n_rep}")
     model, p, mdata = fit_parts(fit, data)
-    y = _simulate(model, p, mdata, int(n_rep), seed, residual, chunk)
+    y = _simulate(model, p, mdata, int(n_rep), seed, residual, chunk, progress)
     if not return_blq:
         return y
     lim = observation_lloq(mdata, lloq)
@@ -104,15 +108,16 @@ def simulate_replicates(
 
 
 def _simulate(model, p, data, n_rep: int, seed: int | None, residual: bool = True,
-              chunk: int | None = None) -> np.ndarray:
-    """The batched simulation behind :func:`simulate_replicates` (model, Params and ModelData given)."""
+              chunk: int | None = None, progress: bool | None = False, desc: str = "replicates") -> np.ndarray:
+    """The batched simulation behind :func:`simulate_replicates` (model, Params and ModelData given); ``progress``:
+    a bar over the replicates, updated per chunk."""
     dev, dt = data.y.device, data.y.dtype
     gen = torch.Generator(device=dev)
     gen.manual_seed(int(seed) if seed is not None else int(torch.randint(0, 2**62, ()).item()))
     n, j = data.y.shape
     size = _chunk_size(data, chunk)
     out = np.empty((n_rep, n, j))
-    with torch.no_grad():
+    with torch.no_grad(), progress_bar(n_rep, desc, "rep", enabled=progress, leave=False) as bar:
         eta = model.sample_eta(p, n, data.n_occ, generator=gen, size=(n_rep,))  # [R, N, q]
         eps = torch.randn(n_rep, n, j, generator=gen, dtype=dt, device=dev) if residual else None
         for s in range(0, n_rep, size):  # chunks of replicates bound the [R, N, J, D] intermediates
@@ -120,5 +125,6 @@ def _simulate(model, p, data, n_rep: int, seed: int | None, residual: bool = Tru
             if residual:
                 f = f + torch.sqrt(var) * eps[s:s + size]
             out[s:s + size] = model.error.untransform(f).cpu().numpy()
+            bar.update(min(size, n_rep - s))
     out[:, ~data.mask.cpu().numpy()] = np.nan
     return out

@@ -266,6 +266,7 @@ def vpc(
     data=None,
     clip: str | float | None = "auto",
     stratify_groups: int = 2,
+    progress: bool | None = None,
 ) -> VpcResult:
     """(pc)VPC of a fit from ``n_rep`` simulated replicates (see the module docstring for the definitions).
 
@@ -275,7 +276,8 @@ def vpc(
     stratum. ``lloq``: censor observed and simulated values below this value (default: the data's own censoring).
     ``clip``: floor of the simulated values, ``"auto"`` (0 when every observed DV is ≥ 0 and ``pc_log`` is off,
     else none), a number, or None. ``pred_corrected=True``: the pcVPC. ``data``: another data set evaluated under
-    the fit (external VPC)."""
+    the fit (external VPC). ``progress``: a bar over the simulated replicates (None: automatic,
+    :mod:`nlmefit.progress`)."""
     pi = tuple(float(q) for q in pi)
     if not all(0 < q < 1 for q in pi):
         raise ValueError(f"pi must lie in (0, 1), got {pi}")
@@ -287,7 +289,8 @@ def vpc(
     model, p, mdata = fit_parts(fit, data)
     panel = mdata.panel
     mask = mdata.mask.cpu().numpy()
-    ysim = _simulate(model, p, mdata, int(n_rep), seed)  # [R, N, J]
+    ysim = _simulate(model, p, mdata, int(n_rep), seed, progress=progress,
+                     desc="pcVPC replicates" if pred_corrected else "VPC replicates")  # [R, N, J]
     with torch.no_grad():
         f0, _ = model.predict(p, torch.zeros(mdata.n_subjects, mdata.q, dtype=mdata.y.dtype,
                                              device=mdata.y.device), mdata)

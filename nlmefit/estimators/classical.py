@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable
 
 import numpy as np
 import scipy.optimize
@@ -24,6 +23,7 @@ from nlmefit.marginal.linearisation import Conditional, Linearisation
 from nlmefit.models.data import ObservationData
 from nlmefit.models.parameters import Params
 from nlmefit.models.protocol import LatentModel
+from nlmefit.progress import IterationProgress, ProgressArg, is_progress_arg
 from nlmefit.results.build import build_result
 from nlmefit.threads import check_threads, limit_threads, resolve_threads
 
@@ -43,7 +43,7 @@ class ClassicalEstimator(Estimator):
         covariance: str | None = "sandwich",
         shard_size: int | None = None,
         device: str | torch.device | None = None,
-        progress: Callable[[int, float], None] | None = None,
+        progress: ProgressArg = None,
         threads: int | str | None = None,
         n_starts: int = 1,
         start_spread: float = 0.5,
@@ -52,6 +52,8 @@ class ClassicalEstimator(Estimator):
             raise ModelSpecError(f"n_starts must be a positive integer, got {n_starts}")
         if not 0.0 < float(start_spread) < 1.0:
             raise ModelSpecError(f"start_spread must be in (0, 1), got {start_spread}")
+        if not is_progress_arg(progress):
+            raise ModelSpecError(f"progress must be True, False, None or a callable (n, ofv), got {progress!r}")
         self.n_starts = int(n_starts)
         self.start_spread = float(start_spread)
         self.maxiter = maxiter
@@ -102,8 +104,13 @@ class ClassicalEstimator(Estimator):
         model, mdata = self.bind(model, data, init)
         lin = self.linearisation
         lin.check(model)
-        with limit_threads(resolve_threads(self.threads, mdata.n_subjects, mdata.n_obs)):
-            return self._fit(model, mdata, lin, seed, t0)
+        with limit_threads(resolve_threads(self.threads, mdata.n_subjects, mdata.n_obs)), \
+                self._reporter(model) as report:
+            return self._fit(model, mdata, lin, seed, t0, report)
+
+    def _reporter(self, model: LatentModel) -> IterationProgress:
+        """``progress`` as a bar (count of objective evaluations, current OFV) or the caller's callback."""
+        return IterationProgress(self._progress, f"{self.name} {getattr(model, 'name', '')}".strip(), unit="eval")
 
     def _interaction_note(self, model: LatentModel, mdata: ObservationData) -> str | None:
         """FOCE (no interaction) freezes the residual variance at η = 0: say so when it depends on η."""
@@ -126,9 +133,11 @@ class ClassicalEstimator(Estimator):
                 f"interaction evaluates it at eta = 0 (NONMEM METHOD=1): the OFV and estimates can be far from "
                 f"the exact likelihood's (see docs/estimation.md); use method='focei'")
 
-    def _fit(self, model: LatentModel, mdata: ObservationData, lin: Linearisation, seed: int | None, t0: float):
+    def _fit(self, model: LatentModel, mdata: ObservationData, lin: Linearisation, seed: int | None, t0: float,
+             report: IterationProgress | None = None):
+        report = report if report is not None else IterationProgress(self._progress, self.name)
         if self.n_starts > 1 and self.maxiter > 0 and len(model.parameters.natural_names):
-            return self._fit_multistart(model, mdata, lin, seed, t0)
+            return self._fit_multistart(model, mdata, lin, seed, t0, report)
         pset = model.parameters
         dev = mdata.y.device
         p0 = pset.initial(torch.float64, dev)
@@ -157,8 +166,7 @@ class ClassicalEstimator(Estimator):
                 return 1e20, np.zeros_like(u)
             state["eta"] = e
             state["best"] = min(state["best"], val)
-            if self._progress is not None:
-                self._progress(state["n_eval"], val - mdata.n_uncensored * LOG_2PI)
+            report(state["n_eval"], val - mdata.n_uncensored * LOG_2PI)  # a float already: no device sync
             return val, g.detach().cpu().numpy()
 
         f0, _ = fun(u0)
@@ -178,6 +186,7 @@ class ClassicalEstimator(Estimator):
                 warnings.warn(f"{self.name}: minimisation did not report success: {res.message}", stacklevel=3)
         else:
             u_hat = u0
+        report.close()  # the bar ends with the minimisation; the covariance step's warnings print below it
         with torch.no_grad():
             p_hat = pset.from_unconstrained(torch.tensor(u_hat, dtype=torch.float64, device=dev))
         eta_hat = lin.modes(model, p_hat, mdata, state["eta"])
@@ -186,12 +195,12 @@ class ClassicalEstimator(Estimator):
                             check_moved=self.maxiter > 0)
 
     def _fit_multistart(self, model: LatentModel, mdata: ObservationData, lin: Linearisation, seed: int | None,
-                        t0: float):
-        return _multistart_fit(self, model, mdata, lin, seed, t0)
+                        t0: float, report: IterationProgress | None = None):
+        return _multistart_fit(self, model, mdata, lin, seed, t0, report)
 
 
 def _multistart_fit(est: ClassicalEstimator, model: LatentModel, mdata: ObservationData, lin: Linearisation,
-                    seed: int | None, t0: float):
+                    seed: int | None, t0: float, report: IterationProgress | None = None):
     """``n_starts`` perturbed starts in lockstep (nlmefit.estimators.multistart); the best one is the result."""
     pset = model.parameters
     if pset.n_weights:
@@ -208,15 +217,16 @@ def _multistart_fit(est: ClassicalEstimator, model: LatentModel, mdata: Observat
                               f"{k}); check the initial estimates and the data"
                               f"{_nonfinite_note(model, p0, mdata, lin, zero)}")
     n_eval = [0]
+    report = report if report is not None else IterationProgress(est._progress, est.name)
 
     def tick(replicas: list[int]) -> None:
         n_eval[0] += 1
-        if est._progress is not None:
-            est._progress(n_eval[0], float("nan"))
+        report(n_eval[0], float("nan"), starts=len(replicas))  # batched evaluations; starts still running
 
     opts = dict(maxiter=est.maxiter, maxcor=30, ftol=1e-13, gtol=est.gtol, maxls=50)
     # K replicas of all subjects, each with its own start: one batched objective per lockstep step
     res = replica_minimize(model, lin, mdata, [np.arange(n)] * k, U0.cpu().numpy(), opts, on_batch=tick)
+    report.close()
     ofv_const = mdata.n_uncensored * LOG_2PI
     finals = np.array([r.fun if r.fun < 1e20 else np.inf for r in res]) - ofv_const
     best = int(np.nanargmin(finals))

@@ -103,6 +103,7 @@ from nlmefit.estimators.base import Estimator, register
 from nlmefit.marginal.evaluate import marginal_loglik
 from nlmefit.marginal.linearisation import Conditional, Linearisation
 from nlmefit.posteriors import EmpiricalPosterior
+from nlmefit.progress import resolve as resolve_progress
 from nlmefit.results.build import build_result
 
 __all__ = ["NUTS", "MCMCSamples", "NUTSPosterior", "JointDensity", "sample_nuts", "chain_seeds",
@@ -178,7 +179,7 @@ def sample_nuts(
     max_tree_depth: int = 10,
     full_mass: bool = False,
     inverse_mass: torch.Tensor | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> MCMCSamples:
     """Run NUTS on ``log_density(u [P], z [N, q]) -> scalar`` chain by chain.
 
@@ -188,7 +189,7 @@ def sample_nuts(
     diagonal ``[D]`` or, with ``full_mass``, ``[D, D]`` over the flattened (u, z) coordinates of the sampled sites)
     replaces pyro's identity as the metric the warm-up starts from (it is still adapted). Each chain gets its own
     kernel (own adaptation) and its own seed from :func:`chain_seeds`; the global torch RNG state is restored
-    afterwards. ``progress`` shows pyro's progress bar."""
+    afterwards. ``progress`` shows pyro's progress bar (None: automatic, :func:`nlmefit.progress.resolve`)."""
     if num_chains < 1 or num_samples < 1 or warmup_steps < 0:
         raise ValueError("need num_chains >= 1, num_samples >= 1 and warmup_steps >= 0")
     u_shape = tuple(u0.shape[-1:]) if u0.dim() else (0,)
@@ -208,6 +209,7 @@ def sample_nuts(
         return -torch.where(torch.isnan(lp), torch.full_like(lp, -math.inf), lp)
 
     seeds = chain_seeds(seed, num_chains)
+    show = resolve_progress(progress)
     out: dict[str, list[torch.Tensor]] = {k: [] for k in ("u", "z")}
     divergences, step_sizes, acc_rates, walls, evals = [], [], [], [], []
     for c, s in enumerate(seeds):
@@ -223,7 +225,7 @@ def sample_nuts(
                 kernel.mass_matrix_adapter = _InitialMassMatrix(tuple(active), inverse_mass.detach())
             mcmc = MCMC(kernel, num_samples=num_samples, warmup_steps=warmup_steps,
                         initial_params={k: inits[k][c] for k in active}, num_chains=1,
-                        disable_progbar=not progress)
+                        disable_progbar=not show)
             with pyro.validation_enabled(False):
                 mcmc.run()
         samples = mcmc.get_samples(group_by_chain=True)
@@ -677,7 +679,8 @@ class NUTS(Estimator):
     ofv_samples : importance-sampling draws per subject for the OFV at the posterior mean.
     covariance : must be None: the reported covariance is the posterior one (no linearisation).
     device : where the data and the sampler live.
-    progress : show pyro's progress bar.
+    progress : show pyro's progress bar (per chain) and one over the importance draws of the OFV: None (default)
+        when stderr is a terminal or in a notebook, True, False (:mod:`nlmefit.progress`).
     """
 
     def __init__(
@@ -698,7 +701,7 @@ class NUTS(Estimator):
         ofv_samples: int = 2000,
         device: str | torch.device | None = None,
         covariance: str | None = None,
-        progress: bool = False,
+        progress: bool | None = None,
     ) -> None:
         def integer(name, v, lo):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
@@ -714,7 +717,7 @@ class NUTS(Estimator):
         if not isinstance(target_accept_prob, (int, float)) or not 0 < float(target_accept_prob) < 1:
             raise ModelSpecError(f"nuts: target_accept_prob must be in (0, 1), got {target_accept_prob!r}")
         for name, v in (("full_mass", full_mass), ("centered", centered), ("sample_population", sample_population),
-                        ("progress", progress)):
+                        ("progress", False if progress is None else progress)):
             if not isinstance(v, (bool, np.bool_)):
                 raise ModelSpecError(f"nuts: {name} must be True or False, got {v!r}")
         if init_strategy not in ("map", "initial"):
@@ -745,7 +748,7 @@ class NUTS(Estimator):
         self.init_mass = init_mass
         self.device = device
         self.covariance = None
-        self.progress = bool(progress)
+        self.progress = None if progress is None else bool(progress)
 
     @property
     def linearisation(self) -> Linearisation:
@@ -879,7 +882,7 @@ class NUTS(Estimator):
         for m in msgs if not converged else []:
             warnings.warn(f"nuts: {m}", stacklevel=3)
         lik = marginal_loglik(model, post.p_mean, mdata, method="is", n_samples=self.ofv_samples, proposal="t",
-                              seed=seed, eta0=post.eta_mean)
+                              seed=seed, eta0=post.eta_mean, progress=self.progress)
         s = post.samples
         table = post.summary.copy()
         table.attrs.update(divergences=s.n_divergent, divergences_per_chain=[len(d) for d in s.divergences],

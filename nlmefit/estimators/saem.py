@@ -34,7 +34,6 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
@@ -48,6 +47,7 @@ from nlmefit.marginal.linearisation import Conditional, Linearisation
 from nlmefit.models.parameters import Omega, Params
 from nlmefit.models.protocol import LatentModel, Linearisable, MuReferenced
 from nlmefit.posteriors import EmpiricalPosterior
+from nlmefit.progress import IterationProgress, ProgressArg, is_progress_arg
 from nlmefit.results.build import build_result
 from nlmefit.results.summary import lognormal_components
 from nlmefit.threads import check_threads, limit_threads, resolve_threads
@@ -143,7 +143,7 @@ class SAEM(Estimator):
         n_nodes: int = 7,
         covariance: str | None = "sandwich",
         device: str | torch.device | None = None,
-        progress: Callable[[int, float], None] | None = None,
+        progress: ProgressArg = None,
         threads: int | str | None = None,
         check_start: bool = True,
     ) -> None:
@@ -158,6 +158,8 @@ class SAEM(Estimator):
                                  f"converge, got {step_exponent}")
         if not 0 < anneal <= 1:
             raise ModelSpecError(f"anneal must be in (0, 1], got {anneal}")
+        if not is_progress_arg(progress):
+            raise ModelSpecError(f"saem: progress must be True, False, None or a callable (n, ofv), got {progress!r}")
         if ofv_method not in ("is", "agq"):
             raise ModelSpecError(f"ofv_method must be 'is' or 'agq' (the SAEM objective is not an OFV), "
                                  f"got {ofv_method!r}")
@@ -216,34 +218,36 @@ class SAEM(Estimator):
         trace_rows: list[list[float]] = []
         keep_every = max(1, self.n_smooth // max(1, self.keep_draws))
         n_iter = self.n_explore + self.n_smooth
-        for k in range(1, n_iter + 1):
-            run.k = k
-            explore = k <= self.n_explore
-            gamma = 1.0 if explore else (k - self.n_explore) ** (-self.step_exponent)
-            try:
-                state = mcmc_sweep(model, p, mdata, state, self.kernels, run.gen, adapt=explore,
-                                   target=self.target_accept)  # E-step
-            except torch.linalg.LinAlgError as err:  # Ω is kept positive definite: this is a model problem
-                raise EstimationError(f"saem: iteration {k}: the E-step failed ({err}) at "
-                                      f"{_fmt(run.pset.natural_dict(p))}") from None
-            with torch.no_grad():
-                psi = state.eta + self._mu(model, p, mdata)  # [C, N, q]
-            p = run.theta_step(p, psi, gamma, explore)
-            with torch.no_grad():
-                p = p.detach()
-                state.eta = psi - self._mu(model, p, mdata)  # re-centre the chains on the new typical values
-                p = run.m_step(p, psi, state.eta, gamma, explore)
-                if not explore and (k - self.n_explore) % keep_every == 0:
-                    draws.append(state.eta.clone())
-                nat = run.pset.natural_dict(p)
-                bad = [nm for nm in names if nm in free and not math.isfinite(nat[nm])]
-                if bad:
-                    raise EstimationError(f"saem: iteration {k}: {', '.join(bad)} became non-finite "
-                                          f"({_fmt(nat)}); the model cannot be fitted from these initial "
-                                          f"values — try better initial estimates or method='focei'")
-                trace_rows.append([k] + [nat[c] for c in names])
-            if self._progress is not None:
-                self._progress(k, float("nan"))
+        report = IterationProgress(self._progress, f"saem {getattr(model, 'name', '')}".strip(), unit="iter",
+                                   total=n_iter)
+        with report:  # the bar closes with the loop, also on an error
+            for k in range(1, n_iter + 1):
+                run.k = k
+                explore = k <= self.n_explore
+                gamma = 1.0 if explore else (k - self.n_explore) ** (-self.step_exponent)
+                try:
+                    state = mcmc_sweep(model, p, mdata, state, self.kernels, run.gen, adapt=explore,
+                                       target=self.target_accept)  # E-step
+                except torch.linalg.LinAlgError as err:  # Ω is kept positive definite: this is a model problem
+                    raise EstimationError(f"saem: iteration {k}: the E-step failed ({err}) at "
+                                          f"{_fmt(run.pset.natural_dict(p))}") from None
+                with torch.no_grad():
+                    psi = state.eta + self._mu(model, p, mdata)  # [C, N, q]
+                p = run.theta_step(p, psi, gamma, explore)
+                with torch.no_grad():
+                    p = p.detach()
+                    state.eta = psi - self._mu(model, p, mdata)  # re-centre the chains on the new typical values
+                    p = run.m_step(p, psi, state.eta, gamma, explore)
+                    if not explore and (k - self.n_explore) % keep_every == 0:
+                        draws.append(state.eta.clone())
+                    nat = run.pset.natural_dict(p)
+                    bad = [nm for nm in names if nm in free and not math.isfinite(nat[nm])]
+                    if bad:
+                        raise EstimationError(f"saem: iteration {k}: {', '.join(bad)} became non-finite "
+                                              f"({_fmt(nat)}); the model cannot be fitted from these initial "
+                                              f"values — try better initial estimates or method='focei'")
+                    trace_rows.append([k] + [nat[c] for c in names])
+                report(k, float("nan"), phase="explore" if explore else "smooth")  # no OFV while SAEM runs
         post = EmpiricalPosterior(torch.cat(draws[-self.keep_draws:], 0) if draws else state.eta.clone(), "saem")
         traces = pd.DataFrame(trace_rows, columns=["iteration"] + names).set_index("iteration")
         res = self._result(model, mdata, p, post, traces, state.acceptance(), seed, t0, run, start)
@@ -274,7 +278,7 @@ class SAEM(Estimator):
                 warnings.simplefilter("ignore")
                 return marginal_loglik(model, p, mdata, method=self.ofv_method, n_samples=min(self.n_samples, 1000),
                                        proposal="t" if self.proposal == "posterior" else self.proposal,
-                                       n_nodes=self.n_nodes, seed=seed)
+                                       n_nodes=self.n_nodes, seed=seed, progress=False)
         except (EstimationError, ValueError, RuntimeError):  # LinAlgError is a RuntimeError
             return None
 
@@ -286,7 +290,7 @@ class SAEM(Estimator):
         converged, conv_msg = self._stability(traces.to_numpy(), list(traces.columns), model.parameters)
         lik = marginal_loglik(model, p_hat, mdata, method=self.ofv_method, n_samples=self.n_samples,
                               proposal=self.proposal, posterior=post, n_nodes=self.n_nodes, seed=seed,
-                              eta0=eta_hat)
+                              eta0=eta_hat, progress=False if callable(self._progress) else self._progress)
         messages = []
         repairs = [] if run is None else run.repairs
         if repairs:

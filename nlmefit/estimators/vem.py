@@ -73,7 +73,6 @@ import pandas as pd
 import torch
 from torch import nn
 from torch.distributions import Distribution
-from tqdm import tqdm
 
 from nlmefit.errors import EstimationError, ModelSpecError
 from nlmefit.estimators.base import Estimator, check_covariance, register
@@ -87,6 +86,7 @@ from nlmefit.models.parameters import Params
 from nlmefit.models.protocol import LatentModel, Linearisable, MuReferenced
 from nlmefit.posteriors.encoder import AmortizedFamily
 from nlmefit.posteriors.flows import FLOW_KINDS, FlowFamily, FlowPosterior
+from nlmefit.progress import progress_bar
 from nlmefit.results.build import build_result
 from nlmefit.threads import check_threads, limit_threads, resolve_threads
 
@@ -160,7 +160,8 @@ class VEM(Estimator):
     ``schedule`` ``"cosine"`` | ``"step"`` | ``"constant"`` with ``lr_final`` the final factor; ``batch_size``
     (None: all subjects); ``stl``; ``omega_update`` ``"auto"`` | ``"closed"`` | ``"gradient"``; ``max_steps``,
     ``min_steps``, ``window``, ``tol``, ``ema`` (convergence); ``n_elbo`` / ``n_is`` draws per subject for the
-    reported ELBO and IS −2LL; ``covariance`` (FOCE-I linearisation) or None; ``progress`` (tqdm bar);
+    reported ELBO and IS −2LL; ``covariance`` (FOCE-I linearisation) or None; ``progress`` (a bar with the
+    smoothed ELBO: None automatic, True, False; :mod:`nlmefit.progress`);
     ``checkpoint``, ``checkpoint_every``, ``resume``; ``device``; ``threads``; ``amortized`` (an encoder gives
     q_i; ``encoder_options`` ``hidden``/``heads``, ``warm_steps`` Laplace warm-start steps, ``lr_encoder``);
     ``fix_population`` (θ held at its initial values, posteriors only)."""
@@ -187,7 +188,7 @@ class VEM(Estimator):
         n_is: int = 2000,
         flow_options: dict | None = None,
         covariance: str | None = "sandwich",
-        progress: bool = False,
+        progress: bool | None = None,
         checkpoint: str | Path | None = None,
         checkpoint_every: int = 100,
         resume: bool = False,
@@ -228,6 +229,8 @@ class VEM(Estimator):
             raise ModelSpecError(f"vem: batch_size must be a positive integer or None, got {batch_size!r}")
         if resume and checkpoint is None:
             raise ModelSpecError("vem: resume=True needs checkpoint='path.pt'")
+        if progress is not None and not isinstance(progress, (bool, np.bool_)):
+            raise ModelSpecError(f"vem: progress must be True, False or None, got {progress!r}")
         flow_options = dict(flow_options or {})
         bad = set(flow_options) - {"context_dim", "hidden", "transforms", "bins", "passes"}
         if bad:
@@ -256,7 +259,7 @@ class VEM(Estimator):
         self.n_is = int(n_is)
         self.flow_options = flow_options
         self.covariance = check_covariance(covariance)
-        self.progress = bool(progress)
+        self.progress = None if progress is None else bool(progress)
         self.checkpoint = None if checkpoint is None else str(checkpoint)
         self.checkpoint_every = int(checkpoint_every)
         self.resume = bool(resume)
@@ -498,7 +501,8 @@ class _Run:
     # ---------------------------------------------------------------- loop
     def optimise(self) -> None:
         vem = self.vem
-        bar = tqdm(total=vem.max_steps, initial=self.k, disable=not vem.progress, desc="vem", leave=False)
+        bar = progress_bar(vem.max_steps, f"vem {getattr(self.model, 'name', '')}".strip(), "step",
+                           enabled=vem.progress, initial=self.k)
         try:
             while not self.done and self.k < vem.max_steps:
                 vem._step(self)
@@ -506,9 +510,8 @@ class _Run:
                     self.anneal_from = self.k
                     self.anneal_fac = self.rows[-1][-1]
                 self.done = self.anneal_from is not None and self.k - self.anneal_from >= self.n_anneal
+                bar.set_postfix(elbo=f"{self.smooth.history[-1]:.3f}", refresh=False)  # a float already
                 bar.update(1)
-                if vem.progress:
-                    bar.set_postfix(elbo=f"{self.smooth.history[-1]:.3f}")
                 if vem.checkpoint is not None and (self.k % vem.checkpoint_every == 0 or self.done
                                                    or self.k == vem.max_steps):
                     save_checkpoint(vem.checkpoint, self._state())
@@ -585,7 +588,7 @@ class _Run:
         lin = vem.linearisation
         eta_hat = lin.modes(model, p_hat, mdata, etas.mean(0))
         lik = marginal_loglik(model, p_hat, mdata, method="is", n_samples=vem.n_is, proposal="posterior",
-                              posterior=qd, seed=self.seed, eta0=eta_hat)
+                              posterior=qd, seed=self.seed, eta0=eta_hat, progress=vem.progress)
         converged = self.anneal_from is not None
         change = self.smooth.change()
         if converged:

@@ -37,6 +37,7 @@ from nlmefit.models.data import ObservationData
 from nlmefit.models.parameters import Params
 from nlmefit.models.protocol import LatentModel
 from nlmefit.posteriors.rng import seeded
+from nlmefit.progress import progress_bar
 
 __all__ = ["LoglikEstimate", "importance_loglik"]
 
@@ -91,10 +92,10 @@ class LoglikEstimate:
 
 def importance_loglik(model: LatentModel, p: Params, data: ObservationData, proposal: Distribution,
                       n_samples: int = 2000, seed: int | None = 0, chunk: int | None = None,
-                      min_ess: float = 50.0) -> LoglikEstimate:
+                      min_ess: float = 50.0, progress: bool | None = None) -> LoglikEstimate:
     """log p(y_i | θ) for every subject by importance sampling from ``proposal`` (a Distribution with batch
     shape [N] and event shape [q]; see the module docstring). ``seed`` makes the draws reproducible without
-    touching the caller's random state."""
+    touching the caller's random state. ``progress``: a bar over the draws (:mod:`nlmefit.progress`)."""
     if n_samples < 2:
         raise ValueError(f"n_samples must be at least 2, got {n_samples}")
     n = data.n_subjects
@@ -108,7 +109,8 @@ def importance_loglik(model: LatentModel, p: Params, data: ObservationData, prop
     lse_w = torch.full((n,), -math.inf, dtype=data.y.dtype, device=dev)
     lse_w2 = lse_w.clone()
     done = 0
-    with torch.no_grad(), seeded(seed if seed is not None else int(torch.seed() % 2 ** 63), dev):
+    bar = progress_bar(n_samples, "importance sampling", "draw", enabled=progress, leave=False)
+    with torch.no_grad(), seeded(seed if seed is not None else int(torch.seed() % 2 ** 63), dev), bar:
         while done < n_samples:
             k = min(chunk, n_samples - done)
             eta = proposal.sample((k,)).to(data.y.dtype)
@@ -117,6 +119,7 @@ def importance_loglik(model: LatentModel, p: Params, data: ObservationData, prop
             lse_w = torch.logaddexp(lse_w, torch.logsumexp(lw, 0))
             lse_w2 = torch.logaddexp(lse_w2, torch.logsumexp(2 * lw, 0))
             done += k
+            bar.update(k)  # host-side count only: the chunks stay asynchronous on a GPU
     K = float(n_samples)
     loglik_i = lse_w - math.log(K)
     ratio = torch.exp(lse_w2 - 2 * lse_w)  # Σw²/(Σw)² = 1/ESS

@@ -45,6 +45,7 @@ from nlmefit.models.parameters import Params
 from nlmefit.models.structure import ClosedForm
 from nlmefit.pk.trains import DoseTrain
 from nlmefit.posteriors.rng import seeded
+from nlmefit.progress import progress_bar
 from nlmefit.simulation.concentrations import broadcasts, copies, template
 from nlmefit.simulation.exposure import auc24_window, exposure_table, pta, window_label
 from nlmefit.simulation.plots import plot_exposure_distributions, plot_profile_bands
@@ -235,7 +236,7 @@ def simulate_regimens(fit, regimens, *, population: int | None = None, subjects=
                       interval: str | tuple[float, float] = "last", threshold: float | None = None, fu: float = 1.0,
                       auc: str = "quadrature", weight_col: str = "WT", iv_cmt: int | None = None,
                       seed: int | None = 0, chunk: int = 10000, model: Model | None = None, params=None,
-                      device=None, fast: bool = True) -> RegimenSimulation:
+                      device=None, fast: bool = True, progress: bool | None = None) -> RegimenSimulation:
     """Simulate ``regimens`` (Regimen objects or strings) for virtual (``population=N``) or observed
     (``subjects="observed"`` or a list of IDs) subjects of ``fit`` (a FitResult; or pass ``fit=None, model=,
     params=`` for a model without a fit, population mode only).
@@ -249,6 +250,7 @@ def simulate_regimens(fit, regimens, *, population: int | None = None, subjects=
     unless ``allow_negative``.
     ``fast``: sum regular bolus/oral dose trains in closed form (:mod:`nlmefit.pk.trains`) when the model is a
     linear closed form; ``False`` forces the general dose-by-dose path (same numbers to ~1e−12).
+    ``progress``: a bar over the regimens (None: automatic, :mod:`nlmefit.progress`).
     """
     if (population is None) == (subjects is None):
         raise ModelSpecError("give exactly one of population=N (virtual subjects) or subjects='observed' / a list "
@@ -267,7 +269,9 @@ def simulate_regimens(fit, regimens, *, population: int | None = None, subjects=
     # one template per regimen, S copies, batched predictions in chunks
     grid = _time_grid(regs, times, n_times, interval)
     profiles, exposures, intervals, windows24 = [], [], [], []
+    bar = progress_bar(len(regs), "regimens", "regimen", enabled=progress, leave=False)
     for reg, lab in zip(regs, labels):  # a handful of regimens: not a hot loop
+        bar.set_postfix_str(lab[:40], refresh=False)
         recs = _records(reg, model, steady_state, iv_cmt, weight_col)
         window = _interval(reg, interval, float(grid[-1]))
         w24 = auc24_window(reg)
@@ -279,6 +283,8 @@ def simulate_regimens(fit, regimens, *, population: int | None = None, subjects=
         exposures.append(_label_rows(ex, lab, who))
         intervals.append(window)
         windows24.append(w24)
+        bar.update(1)
+    bar.close()
     return RegimenSimulation(regs, labels, grid, np.stack(profiles), who.ids, who.draw, cov_frame,
                              _parameters_frame(pop), pd.concat(exposures, ignore_index=True), who.mode, residual,
                              intervals, windows24, allow_negative)

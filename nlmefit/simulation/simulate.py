@@ -20,6 +20,7 @@ from nlmefit.errors import ModelSpecError
 from nlmefit.models.model import Model
 from nlmefit.models.parameters import Params
 from nlmefit.panel import Panel
+from nlmefit.progress import progress_bar
 
 __all__ = ["simulate", "design_frame", "resolve_params"]
 
@@ -102,6 +103,7 @@ def simulate(
     covariates=None,
     device=None,
     other_endpoints: str = "keep",
+    progress: bool | None = None,
     **column_map,
 ) -> pd.DataFrame:
     """Simulate ``n`` replicates of ``data`` (or of a design) from ``model`` at ``params``.
@@ -109,6 +111,7 @@ def simulate(
     Returns the records with a ``REP`` column and simulated ``DV`` on the observation rows of the model's endpoint
     (natural scale). Observation rows of other endpoints (another DVID than ``model.dvid``) keep their DV
     (``other_endpoints="keep"``) or are left out (``"drop"``). Reproducible: the same ``seed`` gives the same draws.
+    ``progress``: a bar over the replicates' output frames (None: automatic, :mod:`nlmefit.progress`).
     """
     if other_endpoints not in ("keep", "drop"):
         raise ModelSpecError(f"other_endpoints must be 'keep' (their rows keep the observed DV) or 'drop', "
@@ -137,6 +140,7 @@ def simulate(
     out = []
     base = frame.reset_index(drop=True)
     other = panel.obs_row[panel.obs_mask & ~mk]  # observation rows of other endpoints
+    bar = progress_bar(n, "simulate", "rep", enabled=progress, leave=False)
     for r in range(n):  # replicates only: assembling output frames, not a hot path
         f = base.copy()
         if dv_col not in f:
@@ -147,4 +151,6 @@ def simulate(
             f = f.drop(index=other)
         f.insert(0, "REP", r + 1)
         out.append(f)
+        bar.update(1)
+    bar.close()
     return pd.concat(out, ignore_index=True)
