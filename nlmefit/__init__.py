@@ -2,7 +2,7 @@
 
 The public surface: ``Panel`` (data), ``Model``, ``library`` and the ``LatentModel`` protocol (models), ``fit`` and
 the estimators, ``FitResult``, ``loglik`` and the ``marginal`` and ``posteriors`` packages, ``simulate``,
-``datasets``.
+``datasets``; ``progress`` (progress bars and logging of the long operations).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch as _torch  # noqa: F401  (import order: torch before the modules that use it)
 
-from nlmefit import datasets, marginal, posteriors
+from nlmefit import datasets, marginal, posteriors, progress
 from nlmefit._version import __version__
 from nlmefit.api import fit
 from nlmefit.covariate_search import ScmResult, scm
@@ -22,7 +22,9 @@ from nlmefit.estimators import AGQ, FO, FOCE, FOCEI, NUTS, SAEM, VEM, Laplace, g
 from nlmefit.likelihood import loglik
 from nlmefit.models import Model, Omega, Param, Params, fix, library
 from nlmefit.models.protocol import LatentModel
+from nlmefit.nonmem import NonmemRun, from_nonmem
 from nlmefit.panel import Panel
+from nlmefit.profile_likelihood import ProfileResult, profile
 from nlmefit.resampling import BootstrapResult, bootstrap
 from nlmefit.results import FitResult
 from nlmefit.simulation import Regimen, simulate, simulate_regimens
@@ -31,5 +33,6 @@ __all__ = [
     "DataError", "EstimationError", "ModelSpecError", "Panel", "Model", "Omega", "Param", "Params", "fix",
     "library", "fit", "loglik", "get_estimator", "FO", "FOCE", "FOCEI", "Laplace", "AGQ", "SAEM", "NUTS", "VEM",
     "FitResult", "simulate", "simulate_regimens", "Regimen", "datasets", "LatentModel", "marginal", "posteriors",
-    "bootstrap", "BootstrapResult", "scm", "ScmResult", "__version__",
+    "progress", "bootstrap", "BootstrapResult", "scm", "ScmResult", "from_nonmem", "NonmemRun", "profile",
+    "ProfileResult", "__version__",
 ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import math
 import os
 import re
@@ -425,6 +426,13 @@ def _load_fit(result_dir: str):
         raise CliError(f"{path} was not written by `nlmefit fit` (no record of its data and model); load it in "
                        f"Python with FitResult.from_json(path, model=...) instead")
     model = res.model
+    if str(prov.get("data", "")).lower().endswith((".mod", ".ctl")):  # a control stream: model and data from it
+        from nlmefit.nonmem import from_nonmem  # local: pharmpy is imported only for control streams
+
+        run = from_nonmem(prov["data"])
+        model = model or run.model
+        panel = _panel(run.data, dict(prov.get("columns") or {}), bool(prov.get("sort", False)))
+        return res.replace(model=model, data=model.prepare(panel, check_likelihood=False))
     if model is None:
         if not prov.get("model"):
             raise CliError(f"{path}: the model cannot be rebuilt ({why or 'no model record'})")
@@ -510,7 +518,7 @@ def cmd_simulate(args) -> int:
     params = _params_arg(args, model)
     data = _panel(df, cols, True, require_dv=False) if (cols or args.sort) else df
     residual = True if args.residual is None else args.residual
-    out = simulate(model, params, data, n=args.n, seed=args.seed, residual=residual)
+    out = simulate(model, params, data, n=args.n, seed=args.seed, residual=residual, progress=_progress(args))
     _atomic_csv(out, args.out)
     print(f"wrote {len(out)} rows ({args.n} replicate(s)) to {args.out}")
     return 0
@@ -545,14 +553,14 @@ def cmd_diagnose(args) -> int:
         save(dg.plot_eta_covariates(fit), "eta_covariates.png")
     if fit.traces is not None and len(fit.traces):
         save(fit.plot_traces(), "traces.png")
-    res_npde = dg.npde(fit, n_rep=args.n_rep, seed=args.seed)
+    res_npde = dg.npde(fit, n_rep=args.n_rep, seed=args.seed, progress=_progress(args))
     save(dg.plot_npde(res_npde), "npde.png")
     tests = res_npde.tests()
     _atomic_csv(res_npde.table, str(out / "npde.csv"))
     _atomic_csv(tests.reset_index(), str(out / "npde_tests.csv"))
     written += ["npde.csv", "npde_tests.csv"]
     for pc in (False, True):
-        v = dg.vpc(fit, n_rep=args.n_rep, seed=args.seed, pred_corrected=pc)
+        v = dg.vpc(fit, n_rep=args.n_rep, seed=args.seed, pred_corrected=pc, progress=_progress(args))
         name = "pcvpc" if pc else "vpc"
         save(dg.plot_vpc(v), f"{name}.png")
         _atomic_csv(v.percentiles, str(out / f"{name}.csv"))
@@ -642,7 +650,7 @@ def _simulate_regimens(args) -> int:
     sim = nlmefit.simulate_regimens(fit, args.regimen, population=args.population, subjects=subjects,
                                     n_draws=args.n_draws, residual=residual,
                                     steady_state=args.steady_state, threshold=args.threshold, seed=args.seed,
-                                    posterior=args.posterior, weight_col=args.weight_col)
+                                    posterior=args.posterior, weight_col=args.weight_col, progress=_progress(args))
     out.mkdir(parents=True, exist_ok=True)
     _atomic_csv(sim.quantiles(), str(out / "profile_quantiles.csv"))
     _atomic_csv(sim.exposures, str(out / "exposures.csv"))
@@ -663,37 +671,50 @@ def _simulate_regimens(args) -> int:
 
 
 def cmd_fit(args) -> int:
-    from tqdm import tqdm
-
     import nlmefit
     from nlmefit.errors import ModelSpecError
 
     out = check_out_dir(args.out)
     _check_device(args.device)
-    df, label = _read_data(args.data, args.sep, args.where)
-    cols = _column_map(df, args.col)
-    model_name = args.model or DEFAULT_MODELS.get(label)
-    if model_name is None:
-        raise CliError(f"give --model for {args.data} (a library name: {', '.join(nlmefit.library.NAMES)})")
-    dvid = args.dvid if args.dvid is not None else ("cp" if label == "warfarin" and "DVID" not in cols else None)
+    run = _control_stream(args)  # a NONMEM control stream brings its model, data and $ESTIMATION
     covariates: dict = {}
-    for p, f in args.cov or []:
-        covariates.setdefault(p, []).append(f)
-    model = _load_model(model_name, args.error, dvid, covariates or None, args.omega_block)
+    if run is not None:
+        df, label, model_name, dvid, model = run.data, "", args.data, None, run.model
+        cols = _column_map(df, args.col)
+        stream_options = dict(run.options)
+        args.method = args.method or run.method
+        if args.loglik is None and stream_options.get("compute_loglik"):
+            args.loglik = stream_options["compute_loglik"]
+            args.n_samples = args.n_samples or stream_options.get("loglik_options", {}).get("n_samples")
+        if args.maxiter is None and "maxiter" in stream_options:
+            args.maxiter = stream_options["maxiter"]
+    else:
+        args.method = args.method or "focei"
+        stream_options = {}
+        df, label = _read_data(args.data, args.sep, args.where)
+        cols = _column_map(df, args.col)
+        model_name = args.model or DEFAULT_MODELS.get(label)
+        if model_name is None:
+            raise CliError(f"give --model for {args.data} (a library name: {', '.join(nlmefit.library.NAMES)})")
+        dvid = args.dvid if args.dvid is not None else ("cp" if label == "warfarin" and "DVID" not in cols else None)
+        for p, f in args.cov or []:
+            covariates.setdefault(p, []).append(f)
+        model = _load_model(model_name, args.error, dvid, covariates or None, args.omega_block)
     panel = _panel(df, cols, args.sort)
     init = _init_arg(args, model)
     with warnings.catch_warnings():  # model/data mismatches surface here, before the fit (which warns itself)
         warnings.simplefilter("ignore")
         model.prepare(panel, device=args.device, check_likelihood=False)
+    progress = _progress(args)  # None: a bar when stderr is a terminal (nlmefit.progress), False with --quiet
     if args.method == "nuts":
-        options = dict(device=args.device, progress=not args.quiet)
+        options = dict(device=args.device, progress=progress)
         for flag, key in (("chains", "num_chains"), ("draws", "num_samples"), ("warmup", "warmup_steps")):
             if getattr(args, flag) is not None:
                 options[key] = getattr(args, flag)
     elif any(getattr(args, f) is not None for f in ("chains", "draws", "warmup")):
         raise ModelSpecError("--chains, --draws and --warmup apply to --method nuts")
     elif args.method == "vem":
-        options = dict(device=args.device, progress=not args.quiet)
+        options = dict(device=args.device, progress=progress)
         for flag, key in (("posterior", "posterior"), ("max_steps", "max_steps"), ("batch_size", "batch_size"),
                           ("checkpoint", "checkpoint")):
             if getattr(args, flag) is not None:
@@ -707,7 +728,7 @@ def cmd_fit(args) -> int:
                 raise ModelSpecError("--resume needs --checkpoint PATH")
             options["resume"] = True
     else:
-        options = dict(device=args.device)
+        options = dict(device=args.device, progress=progress)  # the bar shows the OFV (classical) or the phase
     if args.method != "vem" and (args.posterior is not None or args.max_steps is not None or args.batch_size is
                                  not None or args.stl is not None or args.amortized or args.checkpoint is not None
                                  or args.resume):
@@ -717,6 +738,10 @@ def cmd_fit(args) -> int:
         if args.method not in CLASSICAL:
             raise ModelSpecError(f"--maxiter applies to --method {'/'.join(CLASSICAL)} (not {args.method})")
         options["maxiter"] = args.maxiter
+    if "covariance" in stream_options and args.method in CLASSICAL:
+        options["covariance"] = stream_options["covariance"]  # $COVARIANCE (or none) in the control stream
+    if args.method == "saem":
+        options.update({k: v for k, v in stream_options.items() if k in ("n_explore", "n_smooth")})
     if args.no_cov:
         options["covariance"] = None
     if getattr(args, "threads", None) is not None and args.method != "nuts":
@@ -738,23 +763,8 @@ def cmd_fit(args) -> int:
         if args.method not in ("fo", "foce", "focei", "laplace"):
             raise ModelSpecError(f"--starts applies to --method fo, foce, focei or laplace, not {args.method}")
         options["n_starts"] = args.starts
-    bar = None
-    if args.method not in ("nuts", "vem"):  # those two show their own progress bar
-        bar = tqdm(desc=f"{args.method} {model.name}", unit=" iter" if args.method == "saem" else " eval",
-                   file=sys.stderr, disable=args.quiet)
-
-        def progress(n_eval: int, ofv: float) -> None:
-            bar.update(1)
-            if ofv == ofv:  # SAEM has no OFV while it runs
-                bar.set_postfix(ofv=f"{ofv:.4f}")
-
-        options["progress"] = progress
-    try:
-        result = nlmefit.fit(model, panel, method=args.method, init=init, seed=args.seed,
-                             compute_loglik=args.loglik, loglik_options=lik_opts, **options)
-    finally:
-        if bar is not None:
-            bar.close()
+    result = nlmefit.fit(model, panel, method=args.method, init=init, seed=args.seed,
+                         compute_loglik=args.loglik, loglik_options=lik_opts, **options)
     out.mkdir(parents=True, exist_ok=True)
     data_spec = str(Path(args.data).resolve()) if os.path.exists(args.data) else args.data
     source = {"data": data_spec, "model": model_name, "error": args.error, "dvid": dvid}
@@ -788,6 +798,25 @@ def cmd_fit(args) -> int:
     for n in notes:
         print(n)
     return 0 if result.converged else 1
+
+
+def _control_stream(args):
+    """The :class:`nlmefit.nonmem.NonmemRun` when ``args.data`` is a NONMEM control stream (.mod/.ctl), else None."""
+    if not str(args.data).lower().endswith((".mod", ".ctl")):
+        return None
+    given = [flag for flag, val in (("--model", args.model), ("--error", args.error), ("--cov", args.cov),
+                                    ("--omega-block", args.omega_block), ("--dvid", args.dvid),
+                                    ("--where", args.where), ("--sep", args.sep if args.sep != "," else None))
+             if val]
+    if given:
+        raise CliError(f"{', '.join(given)}: a control stream defines its model and data ($PK/$ERROR, $DATA); edit "
+                       f"{args.data} instead")
+    from nlmefit.nonmem import from_nonmem  # local: pharmpy is imported only for control streams
+
+    try:
+        return from_nonmem(args.data)
+    except ImportError as exc:
+        raise CliError(str(exc)) from exc
 
 
 def cov_candidates(text: str) -> dict:
@@ -827,7 +856,7 @@ def cmd_scm(args) -> int:
     panel = _panel(df, cols, args.sort)
     options = {"maxiter": args.maxiter} if args.maxiter is not None else {}
     res = nlmefit.scm(model, panel, args.cov_candidates, method=args.method, p_forward=args.p_forward,
-                      p_backward=args.p_backward, backward=not args.no_backward, progress=not args.quiet,
+                      p_backward=args.p_backward, backward=not args.no_backward, progress=_progress(args),
                       seed=args.seed, **options)
     out.mkdir(parents=True, exist_ok=True)
     written = [q.name for q in res.to_csv(out)]
@@ -862,6 +891,27 @@ def _data_options(p: argparse.ArgumentParser, sort_help: str) -> None:
                    help='keep only the records meeting CONDITION (pandas DataFrame.query), e.g. "DOSE > 0"; '
                         "NONMEM's IGNORE/ACCEPT")
     p.add_argument("--sort", action="store_true", help=sort_help)
+
+
+def _quiet_option(p: argparse.ArgumentParser, text: str = "no progress bar and no log lines (warnings only)") -> None:
+    p.add_argument("--quiet", action="store_true", help=text)
+
+
+def _progress(args) -> bool | None:
+    """``progress=`` of the library call: False with --quiet, else None (a bar when stderr is a terminal or
+    NLMEFIT_PROGRESS=1; see nlmefit.progress)."""
+    return False if getattr(args, "quiet", False) else None
+
+
+def _configure_logging(quiet: bool) -> int:
+    """The ``nlmefit`` loggers' INFO lines (SCM steps, bootstrap, bench) on stderr, WARNING only with --quiet; a
+    handler is added only when the root logger has none (an application's own configuration is kept). Returns the
+    ``nlmefit`` logger's previous level, restored by :func:`main`."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")  # no-op when the root has handlers
+    lg = logging.getLogger("nlmefit")
+    old = lg.level
+    lg.setLevel(logging.WARNING if quiet else logging.INFO)
+    return old
 
 
 def _threads_option(p: argparse.ArgumentParser) -> None:
@@ -911,6 +961,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--target", type=target_text, default=None, help="PTA target: AUC>=400 or 'CTROUGH in 10:20'")
     s.add_argument("--mic", type=mic_list, default=None, help="comma-separated MICs: PTA of METRIC/MIC >= VALUE")
     s.add_argument("--weight-col", type=nonempty, default="WT", help="weight covariate for mg/kg regimens")
+    _quiet_option(s)
     _threads_option(s)
     s.set_defaults(func=cmd_simulate)
 
@@ -926,11 +977,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one-step-ahead predictive log-likelihood per observation, subject and in total")
     d.add_argument("--osa-method", choices=["is", "agq"], default="is",
                    help="one-step-ahead by importance sampling (default) or adaptive quadrature (dim eta <= 3)")
+    _quiet_option(d)
     _threads_option(d)
     d.set_defaults(func=cmd_diagnose)
 
     f = sub.add_parser("fit", help="estimate a model")
-    f.add_argument("data", help="CSV file or shipped dataset name")
+    f.add_argument("data", help="CSV file, shipped dataset name, or NONMEM control stream (.mod/.ctl; needs "
+                                "nlmefit[nonmem])")
     f.add_argument("--model", default=None, help="library name, example, or path/file.py:object")
     f.add_argument("--error", type=error_name, default=None,
                    help="additive, proportional, combined1, combined2, exponential (or add, prop, combined, "
@@ -939,7 +992,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help='covariate formula, e.g. "cl ~ log(WT/70)" (repeatable; library models)')
     f.add_argument("--omega-block", action="append", type=omega_block, metavar="P1,P2,...",
                    help="a block of correlated random effects, e.g. cl,v (repeatable; library models)")
-    f.add_argument("--method", default="focei", choices=list(METHODS))
+    f.add_argument("--method", default=None, choices=list(METHODS),
+                   help="estimation method (default focei; a control stream's $ESTIMATION)")
     f.add_argument("--maxiter", type=nonneg_int, default=None,
                    help="maximum optimiser iterations (classical methods; 0 evaluates at the initial values)")
     f.add_argument("--chains", type=positive_int, default=None, help="NUTS chains (default 4)")
@@ -979,7 +1033,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--seed", type=seed_int, default=None)
     f.add_argument("--device", type=device_name, default=None, help="cpu or cuda")
     f.add_argument("--no-cov", action="store_true", help="skip the covariance step")
-    f.add_argument("--quiet", action="store_true", help="no progress bar")
+    _quiet_option(f)
     f.add_argument("--tables", action="store_true",
                    help="also write NONMEM-style sdtab1, patab1, cotab1/catab1, run1.ext (and run1_names.csv)")
     _threads_option(f)
@@ -1003,7 +1057,7 @@ def build_parser() -> argparse.ArgumentParser:
     _data_options(sc, "sort records by ID and TIME instead of rejecting disorder")
     sc.add_argument("--out", type=nonempty, default="nlmefit-scm", help="output folder")
     sc.add_argument("--seed", type=seed_int, default=None)
-    sc.add_argument("--quiet", action="store_true", help="no line per fit on stderr")
+    _quiet_option(sc, "no progress bar and no line per fit on stderr")
     _threads_option(sc)
     sc.set_defaults(func=cmd_scm)
 
@@ -1021,9 +1075,19 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--batch", type=positive_int, default=None, metavar="R",
                     help="most refits per batched lockstep chunk (default: ~200000 virtual subjects per chunk)")
     bs.add_argument("--out", type=nonempty, default=None, help="output folder (default RESULT_DIR/bootstrap)")
-    bs.add_argument("--quiet", action="store_true", help="no progress bar")
+    _quiet_option(bs)
     _threads_option(bs)
     bs.set_defaults(func=cmd_bootstrap)
+
+    pr = sub.add_parser("profile", help="likelihood-profile confidence intervals of a fit (fo, foce, focei, laplace)")
+    pr.add_argument("result", metavar="RESULT_DIR", help="folder written by `nlmefit fit --out`")
+    pr.add_argument("--param", action="append", type=nonempty, default=None, metavar="NAME",
+                    help="parameter to profile (repeatable; default: every typical value)")
+    pr.add_argument("--ci", type=finite_float, default=0.95, help="interval level, in (0, 1) (default 0.95)")
+    pr.add_argument("--out", type=nonempty, default=None, help="output folder (default RESULT_DIR/profile)")
+    _quiet_option(pr)
+    _threads_option(pr)
+    pr.set_defaults(func=cmd_profile)
 
     b = sub.add_parser("bench", help="NLME against deep generative baselines (PPCA, VAE, DDPM, EBM, GAN, NF, flow "
                                      "matching) on a simulated population, with unseen regimens")
@@ -1046,13 +1110,38 @@ def cmd_bootstrap(args) -> int:
     check_out_dir(str(out), "--out" if args.out else "bootstrap folder")
     fit = _load_fit(args.result)
     boot = nlmefit.bootstrap(fit, n=args.n, stratify=args.stratify, seed=args.seed, ci=args.ci,
-                             bca=not args.no_bca, batch=args.batch, progress=not args.quiet)
+                             bca=not args.no_bca, batch=args.batch, progress=_progress(args))
     written = [q.name for q in boot.to_csv(out)]
     _atomic_fig(boot.plot(), out / "bootstrap.png", 110)
     written.append("bootstrap.png")
     print(boot.summary_text())
     print(f"\nwrote {', '.join(written)} to {out}")
     return 0
+
+
+def cmd_profile(args) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import nlmefit
+
+    p = Path(args.result)
+    if not p.exists():
+        raise CliError(f"{args.result}: no such folder (write one with `nlmefit fit ... --out DIR`)")
+    res_dir = p if p.is_dir() else p.parent
+    out = Path(args.out) if args.out else res_dir / "profile"
+    check_out_dir(str(out), "--out" if args.out else "profile folder")
+    fit = _load_fit(args.result)
+    prof = nlmefit.profile(fit, args.param, level=args.ci, progress=_progress(args))
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_csv(prof.intervals, str(out / "profile_intervals.csv"))
+    _atomic_csv(prof.points, str(out / "profile_points.csv"))
+    _atomic_fig(prof.plot(), out / "profile.png", 110)
+    print(f"likelihood-profile {100 * prof.level:g} % intervals ({prof.method}, OFV {prof.ofv:.4f}; "
+          f"{prof.n_refits} refits in {prof.elapsed_s:.1f} s)")
+    print(prof.intervals.to_string(index=False, float_format=lambda v: f"{v:.5g}"))
+    print(f"\nwrote profile_intervals.csv, profile_points.csv, profile.png to {out}")
+    return 0 if bool(prof.intervals[["lower_ok", "upper_ok"]].to_numpy().all()) else 1
 
 
 def cmd_bench(args) -> int:
@@ -1110,6 +1199,7 @@ def main(argv: list[str] | None = None) -> int:
     from nlmefit.results.schema import ResultSchemaError
 
     command = "nlmefit"
+    log_level = None
     old_format = warnings.formatwarning
     warnings.formatwarning = _one_line_warning
     try:
@@ -1118,6 +1208,7 @@ def main(argv: list[str] | None = None) -> int:
         except SystemExit as e:  # usage errors (one line, exit 2) and --help (exit 0)
             return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
         command = f"nlmefit {args.command}"
+        log_level = _configure_logging(getattr(args, "quiet", False))
         if getattr(args, "threads", None):
             import torch
 
@@ -1144,6 +1235,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         warnings.formatwarning = old_format
+        if log_level is not None:
+            logging.getLogger("nlmefit").setLevel(log_level)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -30,6 +30,7 @@ One process: there is no distributed launcher yet (the batched lockstep is the p
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import time
@@ -45,7 +46,10 @@ from nlmefit._io import atomic_csv
 from nlmefit.errors import DataError, EstimationError, ModelSpecError
 from nlmefit.estimators.base import get_estimator
 from nlmefit.estimators.multistart import replica_minimize
+from nlmefit.progress import progress_bar
 from nlmefit.threads import check_threads, limit_threads, resolve_threads
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["bootstrap", "BootstrapResult", "resample_subjects", "SUPPORTED_METHODS"]
 
@@ -152,13 +156,14 @@ def resample_subjects(n_subjects: int, n: int, rng: np.random.Generator,
 
 
 def bootstrap(fit, n: int = 200, *, stratify: str | None = None, seed: int = 0, ci: float = 0.95,
-              bca: bool = True, batch: int | None = None, progress: bool = False) -> BootstrapResult:
+              bca: bool = True, batch: int | None = None, progress: bool | None = None) -> BootstrapResult:
     """Case-resampling (by subject) bootstrap of ``fit``, a FO/FOCE/FOCE-I/Laplace FitResult with its model and
     data attached; the refits run batched in lockstep (see the module docstring for the method and the intervals).
 
     ``n``: resamples (≥ 2); ``stratify``: a baseline covariate column to resample within; ``seed``: of the numpy
     Generator that draws the resamples; ``ci``: interval level; ``bca``: also BCa intervals (N extra jackknife
-    refits); ``batch``: most replicas per lockstep chunk (bounds memory); ``progress``: a progress bar."""
+    refits); ``batch``: most replicas per lockstep chunk (bounds memory); ``progress``: a bar over the refits
+    (None: automatic, :mod:`nlmefit.progress`). Start and end are logged (logger ``nlmefit.resampling``, INFO)."""
     t0 = time.perf_counter()
     est, model, mdata, panel = _check(fit, n, ci, batch)
     nsub = mdata.n_subjects
@@ -188,7 +193,10 @@ def bootstrap(fit, n: int = 200, *, stratify: str | None = None, seed: int = 0, 
     chunk = int(batch) if batch is not None else max(1, VIRTUAL_SUBJECTS // nsub)
     threads = resolve_threads(est.threads, min(chunk, len(idx)) * nsub, min(chunk, len(idx)) * mdata.n_obs)
     results = []
-    bar = _bar(len(idx), progress)
+    n_chunks = -(-len(idx) // chunk)
+    logger.info("bootstrap: %d resamples%s of %d subjects (%s), %d refit(s) in %d batched chunk(s)", int(n),
+                f" + {nsub} jackknife" if bca else "", nsub, fit.method, len(idx), n_chunks)
+    bar = progress_bar(len(idx), "bootstrap refits", "refit", enabled=progress)
     with limit_threads(threads), bar:
         for start in range(0, len(idx), chunk):
             part = idx[start:start + chunk]
@@ -218,6 +226,8 @@ def bootstrap(fit, n: int = 200, *, stratify: str | None = None, seed: int = 0, 
         jack = table.iloc[int(n):].reset_index(drop=True)
         jack.insert(0, "left_out", np.asarray(mdata.ids))
     rate = float(boot["success"].mean())
+    logger.info("bootstrap: %d of %d refits succeeded (%.0f%%) in %.1f s", int(boot["success"].sum()), int(n),
+                100 * rate, time.perf_counter() - t0)
     if not boot["success"].any():
         raise EstimationError(f"bootstrap: none of the {n} refits succeeded (the optimiser reported no success or "
                               f"the OFV was not finite); check the original fit")
@@ -232,39 +242,39 @@ def bootstrap(fit, n: int = 200, *, stratify: str | None = None, seed: int = 0, 
 _LOG_2PI = math.log(2 * math.pi)
 
 
-def _check(fit, n, ci, batch):
+def _check(fit, n, ci, batch, what: str = "bootstrap"):
     """(estimator rebuilt from the fit's options, model, bound data, panel), after checking the arguments."""
     method = str(getattr(fit, "method", ""))
     if method not in SUPPORTED_METHODS:
-        raise ModelSpecError(f"bootstrap supports fits by {', '.join(SUPPORTED_METHODS)} (the classical estimators, "
+        raise ModelSpecError(f"{what} supports fits by {', '.join(SUPPORTED_METHODS)} (the classical estimators, "
                              f"refitted in batched lockstep); this fit is by {method!r}")
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 2:
         raise ModelSpecError(f"bootstrap: n (number of resamples) must be an integer >= 2, got {n!r}")
     if not (isinstance(ci, (int, float)) and 0.0 < float(ci) < 1.0):
-        raise ModelSpecError(f"bootstrap: ci must be in (0, 1), got {ci!r}")
+        raise ModelSpecError(f"{what}: ci must be in (0, 1), got {ci!r}")
     if batch is not None and (isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1):
         raise ModelSpecError(f"bootstrap: batch must be a positive integer or None, got {batch!r}")
     model, mdata = fit.model, fit.data
     if model is None or mdata is None:
-        raise ModelSpecError("bootstrap needs the fit's model and data attached (a FitResult read from JSON has "
-                             "neither): use `nlmefit bootstrap RESULT_DIR`, or fit.replace(model=..., "
+        raise ModelSpecError(f"{what} needs the fit's model and data attached (a FitResult read from JSON has "
+                             f"neither): use `nlmefit {what} RESULT_DIR`, or fit.replace(model=..., "
                              "data=model.prepare(panel))")
     if not hasattr(mdata, "y"):
         mdata = model.prepare(mdata)
     if model.parameters.n_weights:
-        raise ModelSpecError("bootstrap needs a model without tensor-valued weights")
+        raise ModelSpecError(f"{what} needs a model without tensor-valued weights")
     if not model.parameters.n_free:
-        raise ModelSpecError("bootstrap: the model has no free parameter to re-estimate")
+        raise ModelSpecError(f"{what}: the model has no free parameter to re-estimate")
     opts = {k: fit.options[k] for k in _ESTIMATOR_OPTIONS if k in (fit.options or {})}
     threads = (fit.options or {}).get("threads")
     with contextlib.suppress(ModelSpecError):
         opts["threads"] = check_threads(threads)
     est = get_estimator(method, **opts)
     if not est.maxiter:
-        raise ModelSpecError("bootstrap: the fit was run with maxiter=0 (no estimation), so there is nothing to "
+        raise ModelSpecError(f"{what}: the fit was run with maxiter=0 (no estimation), so there is nothing to "
                              "refit; refit with maxiter > 0 first")
     if mdata.n_subjects < 2:
-        raise DataError(f"bootstrap needs at least 2 subjects, the fit has {mdata.n_subjects}")
+        raise DataError(f"{what} needs at least 2 subjects, the fit has {mdata.n_subjects}")
     return est, model, mdata, getattr(mdata, "panel", None)
 
 
@@ -293,18 +303,3 @@ def _intervals(boot: pd.DataFrame, original: pd.Series, ci: float, jack: pd.Data
             row.update(bca_low=lo, bca_high=hi, z0=float(z0), acceleration=a)
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-class _NoBar(contextlib.nullcontext):
-    def update(self, k: int) -> None:
-        pass
-
-
-def _bar(total: int, on: bool):
-    if not on:
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="bootstrap refits", unit="refit")
-
-

@@ -95,7 +95,8 @@ def replica_params(pset: ParameterSet, U: torch.Tensor, sizes: torch.Tensor) -> 
 
 def replica_minimize(model, lin, data, idx: Sequence[np.ndarray], U0: np.ndarray, options: dict,
                      eta0: torch.Tensor | None = None,
-                     on_batch: Callable[[list[int]], None] | None = None) -> list[scipy.optimize.OptimizeResult]:
+                     on_batch: Callable[[list[int]], None] | None = None,
+                     bounds: Sequence | None = None) -> list[scipy.optimize.OptimizeResult]:
     """Minimise R independent objectives in lockstep, replica r being the subjects ``idx[r]`` of ``data``
     (positions, repeats allowed: a repeated subject is a distinct subject of that replica) with its own
     parameters, started at ``U0[r]`` (unconstrained [R, P]).
@@ -105,7 +106,8 @@ def replica_minimize(model, lin, data, idx: Sequence[np.ndarray], U0: np.ndarray
     concatenated subjects and one backward pass. ``eta0`` [Σ |idx[r]|, q] warm-starts the modes (replica-major);
     ``on_batch(replicas)`` is called after each batched evaluation. A batch whose evaluation fails is evaluated
     replica by replica; a replica whose objective is not finite gets 1e20 and a zero gradient (the line search
-    backs off). Returns the R scipy results (``lockstep_minimize``)."""
+    backs off). ``bounds``: per replica, L-BFGS-B bounds on u or None (equal bounds pin a coordinate: the
+    likelihood profile). Returns the R scipy results (``lockstep_minimize``)."""
     pset = model.parameters
     dev = data.y.device
     q = data.q
@@ -149,15 +151,17 @@ def replica_minimize(model, lin, data, idx: Sequence[np.ndarray], U0: np.ndarray
         eta[sel] = torch.where(keep[:, None], e.detach(), eta[sel])
         return [(float(v), gj) if f else (1e20, np.zeros_like(gj)) for v, gj, f in zip(vals, g, fine)]
 
-    return lockstep_minimize(evaluate, np.asarray(U0, dtype=float), options)
+    return lockstep_minimize(evaluate, np.asarray(U0, dtype=float), options, bounds)
 
 
 def lockstep_minimize(evaluate: Callable[[list[int], np.ndarray], list[tuple[float, np.ndarray]]],
-                      U0: np.ndarray, options: dict) -> list[scipy.optimize.OptimizeResult]:
+                      U0: np.ndarray, options: dict,
+                      bounds: Sequence | None = None) -> list[scipy.optimize.OptimizeResult]:
     """Minimise K objectives with K L-BFGS-B runs whose function evaluations are batched.
 
     ``evaluate(starts, points)`` gets the indices of the starts waiting for an evaluation and their points
-    [len(starts), P] and returns (value, gradient) per start. Returns the K scipy results."""
+    [len(starts), P] and returns (value, gradient) per start; ``bounds[i]``: start i's L-BFGS-B bounds (or None).
+    Returns the K scipy results."""
     k = U0.shape[0]
     cond = threading.Condition()
     pending: dict[int, np.ndarray] = {}
@@ -176,7 +180,8 @@ def lockstep_minimize(evaluate: Callable[[list[int], np.ndarray], list[tuple[flo
                 return answers.pop(i)
 
         try:
-            results[i] = scipy.optimize.minimize(fun, U0[i], jac=True, method="L-BFGS-B", options=options)
+            results[i] = scipy.optimize.minimize(fun, U0[i], jac=True, method="L-BFGS-B", options=options,
+                                                 bounds=None if bounds is None else bounds[i])
         except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
             errors.append(e)
         finally:
