@@ -15,6 +15,13 @@ __all__ = ["Laplace"]
 
 @register("laplace")
 class Laplace(ClassicalEstimator):
+    """Laplace approximation, ``method="laplace"``: ``−2 log L_i ≈ 2 l_i(η̂_i) − q log 2π + log det H_i`` with
+    ``l_i(η) = −log p(y_i | η) − log p(η)`` and H_i its Hessian at the mode η̂_i.
+
+    ``hessian``: ``"exact"`` (default; the true Laplace approximation, one-node AGQ) or ``"gauss-newton"`` (the
+    FOCE-I Hessian); the other options (``maxiter``, ``covariance``, ``n_starts`` …) are those of :class:`FOCEI`.
+    """
+
     approximation = "laplace"
 
     def __init__(self, hessian: str = "exact", **kwargs) -> None:

@@ -104,6 +104,9 @@ _ALIASES = {"add": "additive", "prop": "proportional", "combined": "combined2", 
 
 
 def get_error_model(name: str | ErrorModel) -> ErrorModel:
+    """The residual-error model called ``name`` (case-insensitive; aliases ``add``, ``prop``, ``combined`` =
+    ``combined2``, ``comb1``, ``comb2``, ``exp``/``log``/``ltbs`` = ``exponential``); an ErrorModel passes through.
+    An unknown name raises ModelSpecError."""
     if isinstance(name, ErrorModel):
         return name
     key = _ALIASES.get(str(name).lower(), str(name).lower())

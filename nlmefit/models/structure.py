@@ -27,6 +27,11 @@ OPTIONAL_PK_PARAMS = ("f", "tlag", "dur", "rate")
 
 
 class Structure:
+    """Base class of the structural models: ``predict(params, events)`` maps the individual parameters
+    (``param_names``, each [N] or [N, J]) and the dosing events to the predictions f [N, J] at the observation
+    times. ``oral``: the structure has a depot (doses into CMT 1, or every dose when the data have no CMT column,
+    go there); ``per_observation``: it accepts parameters that vary by observation ([N, J])."""
+
     name: str
     param_names: tuple[str, ...]
     oral: bool

@@ -89,6 +89,17 @@ def _numeric(df: pd.DataFrame) -> pd.DataFrame:
 
 @dataclass(frozen=True)
 class FitResult:
+    """The immutable result of :func:`nlmefit.fit`: estimates, objective value, uncertainty, individual estimates,
+    predictions and residuals, provenance.
+
+    ``ofv`` is −2 log L − n·log 2π (NONMEM's convention; ``loglik`` is the full log-likelihood, n the uncensored
+    observations); ``estimates`` holds every parameter by reporting name (θ by name, ``omega_*`` variances,
+    ``sigma_*`` SDs). Views: ``summary()``, ``theta``, ``omega``, ``sigma``, ``se``, ``conf_int()``,
+    ``cov_params()``, ``individual_estimates``, ``predictions``; diagnostics ``plot_gof()``, ``vpc()``, ``npde()``
+    …; ``tables()`` writes NONMEM-style tables; ``to_json``/``from_json`` save and load it. ``replace(...)`` and
+    ``with_likelihood(...)`` return new results.
+    """
+
     method: str
     options: dict
     estimates: pd.Series  # every parameter by reporting name, natural scale
