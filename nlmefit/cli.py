@@ -676,6 +676,7 @@ def cmd_fit(args) -> int:
 
     out = check_out_dir(args.out)
     _check_device(args.device)
+    shard = _join_ranks(args)  # under torchrun or --workers: this process is one rank of several
     run = _control_stream(args)  # a NONMEM control stream brings its model, data and $ESTIMATION
     covariates: dict = {}
     if run is not None:
@@ -705,7 +706,10 @@ def cmd_fit(args) -> int:
     with warnings.catch_warnings():  # model/data mismatches surface here, before the fit (which warns itself)
         warnings.simplefilter("ignore")
         model.prepare(panel, device=args.device, check_likelihood=False)
-    progress = _progress(args)  # None: a bar when stderr is a terminal (nlmefit.progress), False with --quiet
+    progress = _progress(args) if shard is None or shard.rank == 0 else False  # one bar: rank 0's
+    if shard is not None and args.method not in CLASSICAL:
+        raise ModelSpecError(f"--workers/torchrun: --method {args.method} runs in one process in this version "
+                             f"(sharded: {', '.join(CLASSICAL)})")
     if args.method == "nuts":
         options = dict(device=args.device, progress=progress)
         for flag, key in (("chains", "num_chains"), ("draws", "num_samples"), ("warmup", "warmup_steps")):
@@ -765,6 +769,8 @@ def cmd_fit(args) -> int:
         options["n_starts"] = args.starts
     result = nlmefit.fit(model, panel, method=args.method, init=init, seed=args.seed,
                          compute_loglik=args.loglik, loglik_options=lik_opts, **options)
+    if shard is not None and shard.rank != 0:  # only rank 0 prints and writes
+        return 0 if result.converged else 1
     out.mkdir(parents=True, exist_ok=True)
     data_spec = str(Path(args.data).resolve()) if os.path.exists(args.data) else args.data
     source = {"data": data_spec, "model": model_name, "error": args.error, "dvid": dvid}
@@ -798,6 +804,14 @@ def cmd_fit(args) -> int:
     for n in notes:
         print(n)
     return 0 if result.converged else 1
+
+
+def _join_ranks(args):
+    """This process's :class:`nlmefit.parallel.Shard` when torchrun or ``--workers`` started it as a rank."""
+    from nlmefit import parallel  # local: torch.distributed only when ranks are asked for
+
+    timeout = float(os.environ.get("NLMEFIT_TIMEOUT_S", parallel.DEFAULT_TIMEOUT_S))
+    return parallel.init_from_env(timeout=timeout, device=args.device)
 
 
 def _control_stream(args):
@@ -1022,6 +1036,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--params", help="JSON file of initial values {name: value}")
     f.add_argument("--param", action="append", type=name_value, metavar="NAME=VALUE",
                    help="one initial value (repeatable)")
+    f.add_argument("--workers", type=positive_int, default=None, metavar="K",
+                   help="K local ranks (torch.distributed, gloo over loopback): subjects sharded, totals all-reduced; "
+                        "fo/foce/focei/laplace/agq (see docs/scaling.md; torchrun works too)")
     f.add_argument("--starts", type=positive_int, default=1, metavar="K",
                    help="K starts (the initial values and K-1 perturbed by up to ±50 %%), optimised together in one "
                         "batched objective; the best is kept (fo, foce, focei, laplace)")
@@ -1194,6 +1211,22 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     return f"nlmefit: warning: {' '.join(str(message).split())}\n"
 
 
+def _without_workers(argv: list[str]) -> list[str]:
+    """``argv`` less its ``--workers K`` / ``--workers=K`` (the ranks it starts run the rest)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--workers":
+            skip = True
+            continue
+        if a.startswith("--workers="):
+            continue
+        out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from nlmefit.errors import DataError, EstimationError, ModelSpecError
     from nlmefit.results.schema import ResultSchemaError
@@ -1208,7 +1241,12 @@ def main(argv: list[str] | None = None) -> int:
         except SystemExit as e:  # usage errors (one line, exit 2) and --help (exit 0)
             return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
         command = f"nlmefit {args.command}"
-        log_level = _configure_logging(getattr(args, "quiet", False))
+        workers = getattr(args, "workers", None)
+        if workers is not None and workers > 1 and "RANK" not in os.environ:  # start the ranks, then wait for them
+            from nlmefit.parallel import launch_local  # local: only for --workers
+
+            return launch_local(_without_workers(sys.argv[1:] if argv is None else list(argv)), workers)
+        log_level = _configure_logging(getattr(args, "quiet", False) or int(os.environ.get("RANK", "0")) > 0)
         if getattr(args, "threads", None):
             import torch
 

@@ -301,3 +301,24 @@ def test_iov_same_blocks_become_nlmefit_iov(tmp_path):
     (tmp_path / "iov.mod").write_text(bad)
     with pytest.raises(ModelSpecError, match="outside the idiom"):
         nlmefit.from_nonmem(tmp_path / "iov.mod")
+
+
+def test_alag1_becomes_tlag_and_several_dosed_compartments_are_refused(tmp_path):
+    text = (HERE / "theo_w_combined.mod").read_text()
+    data = (HERE / "../../../data/theophylline.csv").resolve()
+    text = text.replace("../../../data/theophylline.csv", str(data)).replace("S2 = V\n", "S2 = V\nALAG1 = THETA(6)\n")
+    text = text.replace("(0, 0.5) (0, 0.1)", "(0, 0.5) (0, 0.1) (0, 0.2)")
+    (tmp_path / "lag.mod").write_text(text)
+    run = nlmefit.from_nonmem(tmp_path / "lag.mod")
+    assert run.names["THETA(6)"] == "theta6"
+    ind = run.model.params_fn({k: torch.tensor(v.init, dtype=torch.float64) for k, v in
+                               run.model.parameters.theta.items()},
+                              {k: torch.zeros(2, 1, dtype=torch.float64) for k in run.model.eta_names},
+                              {"WT": torch.full((2, 1), 70.0, dtype=torch.float64)})
+    assert float(ind["tlag"]) == pytest.approx(0.2)
+    df = nlmefit.datasets.load("theophylline")
+    df.loc[df.index[0], "CMT"] = 2  # one dose into the central compartment: ALAG1 would not apply to it in NONMEM
+    df.to_csv(tmp_path / "theo2.csv", index=False)
+    (tmp_path / "lag2.mod").write_text(text.replace(str(data), "theo2.csv"))
+    with pytest.raises(ModelSpecError, match="dose into compartments 1, 2"):
+        nlmefit.from_nonmem(tmp_path / "lag2.mod")

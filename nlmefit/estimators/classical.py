@@ -15,6 +15,7 @@ import numpy as np
 import scipy.optimize
 import torch
 
+from nlmefit import parallel
 from nlmefit.errors import EstimationError, ModelSpecError
 from nlmefit.estimators.base import Estimator, check_covariance
 from nlmefit.estimators.multistart import perturbed_starts, replica_minimize
@@ -137,12 +138,18 @@ class ClassicalEstimator(Estimator):
              report: IterationProgress | None = None):
         report = report if report is not None else IterationProgress(self._progress, self.name)
         if self.n_starts > 1 and self.maxiter > 0 and len(model.parameters.natural_names):
+            if parallel.current() is not None:
+                raise ModelSpecError("n_starts > 1 runs in one process (its starts are already batched); run it "
+                                     "without --workers/torchrun")
             return self._fit_multistart(model, mdata, lin, seed, t0, report)
         pset = model.parameters
         dev = mdata.y.device
         p0 = pset.initial(torch.float64, dev)
         u0 = pset.to_unconstrained(p0).detach().cpu().numpy()
-        eta = torch.zeros(mdata.n_subjects, mdata.q, dtype=torch.float64, device=dev)
+        shard = parallel.current()  # several ranks: this one evaluates its own subjects, totals are all-reduced
+        mine = None if shard is None else torch.as_tensor(shard.subjects(mdata), device=dev)
+        ldata = mdata if mine is None else mdata.index(mine)
+        eta = torch.zeros(ldata.n_subjects, mdata.q, dtype=torch.float64, device=dev)
         state = {"eta": eta, "n_eval": 0, "best": math.inf}
         messages: list[str] = []
         note = self._interaction_note(model, mdata)
@@ -154,7 +161,10 @@ class ClassicalEstimator(Estimator):
             ut = torch.tensor(u, dtype=torch.float64, device=dev, requires_grad=True)
             try:
                 p = pset.from_unconstrained(ut)
-                val, e = self.evaluate(model, p, mdata, state["eta"], backward_to=ut, lin=lin)
+                if ldata.n_subjects:
+                    val, e = self.evaluate(model, p, ldata, state["eta"], backward_to=ut, lin=lin)
+                else:  # a rank without subjects (more ranks than subjects) still takes part in the reduction
+                    val, e = 0.0, state["eta"]
             except (torch.linalg.LinAlgError, RuntimeError) as err:
                 if "singular" not in str(err).lower() and "cholesky" not in str(err).lower() \
                         and not isinstance(err, torch.linalg.LinAlgError):
@@ -162,6 +172,13 @@ class ClassicalEstimator(Estimator):
                 val, e = math.inf, None
             state["n_eval"] += 1
             g = ut.grad if len(u) else torch.zeros(0, dtype=torch.float64)
+            if shard is not None:
+                local = g if g is not None else torch.zeros_like(ut)
+                if not math.isfinite(val) or not bool(torch.isfinite(local).all()):
+                    val, local = math.inf, torch.zeros_like(ut)
+                tot = shard.allreduce_sum(torch.cat([torch.tensor([val], dtype=torch.float64, device=dev),
+                                                     local.detach()]))
+                val, g = float(tot[0]), tot[1:]
             if not math.isfinite(val) or g is None or not bool(torch.isfinite(g).all()):
                 return 1e20, np.zeros_like(u)
             state["eta"] = e
@@ -173,7 +190,7 @@ class ClassicalEstimator(Estimator):
         if f0 >= 1e20:
             raise EstimationError(f"{self.name}: the objective is not finite at the initial values; check the "
                                   f"initial estimates and the data (zero predictions with proportional error?)"
-                                  f"{_nonfinite_note(model, p0, mdata, lin, state['eta'])}")
+                                  f"{_nonfinite_note(model, p0, ldata, lin, state['eta'])}")
         n_iter = 0
         converged = True
         if len(u0) and self.maxiter > 0:
@@ -189,7 +206,12 @@ class ClassicalEstimator(Estimator):
         report.close()  # the bar ends with the minimisation; the covariance step's warnings print below it
         with torch.no_grad():
             p_hat = pset.from_unconstrained(torch.tensor(u_hat, dtype=torch.float64, device=dev))
-        eta_hat = lin.modes(model, p_hat, mdata, state["eta"])
+        eta_start = state["eta"]
+        if shard is not None:  # every rank gets every subject's modes (the result is the same on every rank)
+            full = torch.zeros(mdata.n_subjects, mdata.q, dtype=torch.float64, device=dev)
+            full[mine] = eta_start.detach()
+            eta_start = shard.allreduce_sum(full)
+        eta_hat = lin.modes(model, p_hat, mdata, eta_start)
         return build_result(self, model, mdata, p_hat, eta_hat, linearisation=lin, n_iter=n_iter,
                             converged=converged, messages=messages, elapsed=time.perf_counter() - t0, seed=seed,
                             check_moved=self.maxiter > 0)

@@ -169,6 +169,8 @@ def from_nonmem(path: str | os.PathLike, name: str | None = None) -> NonmemRun:
             raise ModelSpecError(f"{path}: ${bad} is not translated")
     translation = translate(pm, name=name or pm.name)
     data = _dataset(pm, path)
+    if translation.dose_parameters:
+        _check_one_dosed_compartment(data, translation.dose_parameters)
     if translation.occasion_column is not None:
         data = _occasions(data, translation.occasion_column, translation.occasion_values)
     method, options = estimation_settings(pm.execution_steps)
@@ -177,6 +179,18 @@ def from_nonmem(path: str | os.PathLike, name: str | None = None) -> NonmemRun:
         options["covariance"] = matrix
     return NonmemRun(path=path, problem=str(pm.description or ""), model=translation.model, data=data,
                      method=method, options=options, names=translation.names, scale=translation.scale)
+
+
+def _check_one_dosed_compartment(df: pd.DataFrame, params: list[str]) -> None:
+    """NONMEM's ALAGn/Fn/Dn/Rn act on compartment n; nlmefit's tlag/f/dur/rate on every dose: the translation
+    is exact only when the doses go into one compartment."""
+    if "CMT" not in df.columns or "AMT" not in df.columns:
+        return
+    dosed = df.loc[pd.to_numeric(df["AMT"], errors="coerce").fillna(0) > 0, "CMT"].dropna().unique()
+    if len(dosed) > 1:
+        raise ModelSpecError(f"$PK defines {', '.join(params)} (ALAGn/Fn/Dn/Rn of one compartment) but the data dose "
+                             f"into compartments {', '.join(str(int(c)) for c in sorted(dosed))}; nlmefit applies "
+                             "them to every dose, so this stream is not translated")
 
 
 def _occasions(df: pd.DataFrame, column: str, values: list[float]) -> pd.DataFrame:

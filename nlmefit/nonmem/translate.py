@@ -59,6 +59,7 @@ class Translation:
     scale: dict[str, tuple[float, int]] = field(default_factory=dict)
     occasion_column: str | None = None  # the column IF (OCC.EQ.k) tests, for inter-occasion etas
     occasion_values: list[float] = field(default_factory=list)
+    dose_parameters: list[str] = field(default_factory=list)  # ALAGn/Fn/Dn/Rn translated (nlmefit: every dose)
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -585,8 +586,9 @@ def translate(pm, name: str | None = None) -> Translation:
 
     model = Model(structure, theta=theta, omega=omega, sigma=err.sigma, error=err.error, params=params_fn,
                   iov=iov_spec, name=name or pm.name)
+    dose_params = sorted(set(outputs) & {"tlag", "f", "dur", "rate"})
     return Translation(model=model, names=names, scale=scale, occasion_column=occ_column,
-                       occasion_values=sorted(occ_values))
+                       occasion_values=sorted(occ_values), dose_parameters=dose_params)
 
 
 def _as_tensor(v, theta: Mapping[str, torch.Tensor]) -> torch.Tensor:
