@@ -811,7 +811,7 @@ def _join_ranks(args):
     from nlmefit import parallel  # local: torch.distributed only when ranks are asked for
 
     timeout = float(os.environ.get("NLMEFIT_TIMEOUT_S", parallel.DEFAULT_TIMEOUT_S))
-    return parallel.init_from_env(timeout=timeout, device=args.device)
+    return parallel.init_from_env(timeout=timeout, device=getattr(args, "device", None))
 
 
 def _control_stream(args):
@@ -1092,6 +1092,8 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--batch", type=positive_int, default=None, metavar="R",
                     help="most refits per batched lockstep chunk (default: ~200000 virtual subjects per chunk)")
     bs.add_argument("--out", type=nonempty, default=None, help="output folder (default RESULT_DIR/bootstrap)")
+    bs.add_argument("--workers", type=positive_int, default=None, metavar="K",
+                    help="K local ranks (torch.distributed), each refitting every K-th resample (docs/scaling.md)")
     _quiet_option(bs)
     _threads_option(bs)
     bs.set_defaults(func=cmd_bootstrap)
@@ -1125,9 +1127,12 @@ def cmd_bootstrap(args) -> int:
     res_dir = p if p.is_dir() else p.parent
     out = Path(args.out) if args.out else res_dir / "bootstrap"
     check_out_dir(str(out), "--out" if args.out else "bootstrap folder")
+    shard = _join_ranks(args)
     fit = _load_fit(args.result)
     boot = nlmefit.bootstrap(fit, n=args.n, stratify=args.stratify, seed=args.seed, ci=args.ci,
                              bca=not args.no_bca, batch=args.batch, progress=_progress(args))
+    if shard is not None and shard.rank != 0:  # only rank 0 writes
+        return 0
     written = [q.name for q in boot.to_csv(out)]
     _atomic_fig(boot.plot(), out / "bootstrap.png", 110)
     written.append("bootstrap.png")

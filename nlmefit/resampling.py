@@ -25,7 +25,9 @@ Intervals (level 1 − α, from the B' successful estimates θ*_b of a parameter
   resamples (replica j = every subject but j); failed ones are left out;
 * bootstrap SE = sd(θ*_b) (ddof 1); bias = mean(θ*_b) − θ̂.
 
-One process: there is no distributed launcher yet (the batched lockstep is the parallelism).
+Several ranks (``nlmefit bootstrap ... --workers K`` or torchrun, :mod:`nlmefit.parallel`): every rank draws
+the same resamples (same seed) and refits every K-th of them; the rows are summed over ranks (each row filled on
+one rank), so the table and intervals are those of one process, on every rank.
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ import pandas as pd
 import torch
 from scipy.stats import norm
 
+from nlmefit import parallel
 from nlmefit._io import atomic_csv
 from nlmefit.errors import DataError, EstimationError, ModelSpecError
 from nlmefit.estimators.base import get_estimator
@@ -196,10 +199,13 @@ def bootstrap(fit, n: int = 200, *, stratify: str | None = None, seed: int = 0, 
     n_chunks = -(-len(idx) // chunk)
     logger.info("bootstrap: %d resamples%s of %d subjects (%s), %d refit(s) in %d batched chunk(s)", int(n),
                 f" + {nsub} jackknife" if bca else "", nsub, fit.method, len(idx), n_chunks)
-    bar = progress_bar(len(idx), "bootstrap refits", "refit", enabled=progress)
+    shard = parallel.current()  # several ranks: each refits every world-th resample, the rows are all-reduced
+    mine = list(range(len(idx))) if shard is None else list(range(shard.rank, len(idx), shard.world))
+    bar = progress_bar(len(mine), "bootstrap refits", "refit",
+                       enabled=progress if shard is None or shard.rank == 0 else False)
     with limit_threads(threads), bar:
-        for start in range(0, len(idx), chunk):
-            part = idx[start:start + chunk]
+        for start in range(0, len(mine), chunk):
+            part = [idx[i] for i in mine[start:start + chunk]]
             eta0 = eta_hat[torch.as_tensor(np.concatenate(part), device=dev)]
             live: list[set[int]] = [set(range(len(part)))]
 
@@ -212,13 +218,18 @@ def bootstrap(fit, n: int = 200, *, stratify: str | None = None, seed: int = 0, 
             bar.update(len(live[0]))
 
     names = pset.natural_names
-    rows = []
-    for r, ix in zip(results, idx):
+    rows = np.zeros((len(idx), len(names) + 3))
+    for i, r in zip(mine, results):
+        ix = idx[i]
         x = pset.to_natural_vector(pset.from_unconstrained(torch.as_tensor(r.x, dtype=torch.float64)))
         ofv = float(r.fun) - float(n_unc[ix].sum()) * _LOG_2PI if r.fun < 1e20 else math.nan
         ok = bool(r.success) and math.isfinite(ofv) and bool(np.isfinite(r.x).all())
-        rows.append([*x.detach().cpu().numpy().tolist(), ofv, int(r.nit), ok])
+        rows[i] = [*x.detach().cpu().numpy().tolist(), ofv, int(r.nit), float(ok)]
+    if shard is not None:  # each row was filled on exactly one rank (zeros elsewhere): the sum is the table
+        rows = shard.allreduce_sum(torch.as_tensor(rows, dtype=torch.float64)).numpy()
     table = pd.DataFrame(rows, columns=[*names, "ofv", "n_iter", "success"])
+    table["n_iter"] = table["n_iter"].astype(int)
+    table["success"] = table["success"] > 0.5
     boot = table.iloc[: int(n)].reset_index(drop=True)
     boot.insert(0, "resample", np.arange(int(n)))
     jack = None

@@ -75,3 +75,24 @@ def test_killing_a_rank_mid_fit_ends_the_run_without_a_result(tmp_path):
     assert time.monotonic() - t0 < 60 and parent.returncode != 0
     assert "rank 1 of 2 was killed by signal 9" in err
     assert not (out / "result.json").exists()
+
+
+@pytest.mark.slow
+def test_bootstrap_on_two_ranks_equals_one_process(tmp_path):
+    from nlmefit.cli import main
+
+    fit_dir = tmp_path / "fit"
+    assert main(["fit", "pheno", "--model", "pheno_real", "--out", str(fit_dir), "--quiet", "--no-cov"]) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for k, name in ((2, "two"), (1, "one")):
+        cmd = [sys.executable, "-m", "nlmefit", "bootstrap", str(fit_dir), "--n", "8", "--no-bca", "--quiet",
+               "--out", str(tmp_path / name)] + (["--workers", str(k)] if k > 1 else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr
+    import pandas as pd
+
+    a = pd.read_csv(tmp_path / "two" / "bootstrap_estimates.csv")
+    b = pd.read_csv(tmp_path / "one" / "bootstrap_estimates.csv")
+    cols = [c for c in a.columns if c not in ("n_iter", "success")]
+    assert np.allclose(a[cols].to_numpy(), b[cols].to_numpy(), rtol=1e-10, atol=0)
+    assert (a["success"] == b["success"]).all()
