@@ -273,9 +273,13 @@ class _Integrator:
         s_ = self.system.n_states
         p_rep = {k: v.detach().repeat(s_) for k, v in p.items()}
 
+        def call(x, c):
+            t = c.pop("__t")
+            return rhs(t, x, c)
+
         def jac(s, y):
             t = (t0 + s * delta).detach().repeat(s_)
-            return delta.detach()[:, None, None] * state_jacobian(lambda x: rhs(t, x, p_rep), y[..., 0].detach())
+            return delta.detach()[:, None, None] * state_jacobian(call, y[..., 0].detach(), {**p_rep, "__t": t})
 
         return jac
 

@@ -30,17 +30,25 @@ _E32 = 6.0 + math.sqrt(2.0)
 _H_MIN = 1e-12
 
 
-def state_jacobian(rhs: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+def state_jacobian(rhs: Callable[..., torch.Tensor], x: torch.Tensor,
+                   consts: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Per-subject Jacobians [N, S, S] of a row-separable ``rhs(x [R, S]) -> [R, S]`` at ``x`` [N, S].
 
     One forward-mode pass on a batch of S·N rows (row block k carries the tangent e_k): no Python loop over states
     or subjects and no torch.func transform (whose per-call overhead is ~10× that of the plain forward-AD API).
+    With ``consts`` (tensors the right-hand side reads: parameters, time) the call is ``rhs(x, consts)`` with each
+    constant a dual of zero tangent: an op between a dual and a plain tensor takes torch's Python reference path
+    for the undefined tangent (~40× slower per op), which made it most of a stiff solve.
     """
     n, s = x.shape
     xr = x.detach().repeat(s, 1)
     tangent = torch.eye(s, dtype=x.dtype, device=x.device).repeat_interleave(n, 0)
     with fwAD.dual_level():
-        out = rhs(fwAD.make_dual(xr, tangent))
+        if consts is None:
+            out = rhs(fwAD.make_dual(xr, tangent))
+        else:
+            out = rhs(fwAD.make_dual(xr, tangent),
+                      {k: fwAD.make_dual(v, torch.zeros_like(v)) for k, v in consts.items()})
         jt = fwAD.unpack_dual(out).tangent
     if jt is None:
         return torch.zeros(n, s, s, dtype=x.dtype, device=x.device)
