@@ -1,19 +1,98 @@
-"""Regenerate the notebooks from their cell lists: python notebooks/_build_notebooks.py"""
+"""Regenerate the notebooks from their cell lists.
+
+    python notebooks/_build_notebooks.py --execute        # write and execute them in place: the committed form
+    python notebooks/_build_notebooks.py --execute 05 06   # only these (file name, stem or its start)
+    python notebooks/_build_notebooks.py                  # write the sources only, without outputs
+
+The documentation site renders the committed notebooks as they are (mkdocs-jupyter with ``execute: false``), so
+the committed notebooks are the executed ones: rerun with ``--execute`` after changing a cell (needs the ``docs``
+extra, whose mkdocs-jupyter brings nbclient and ipykernel, i.e. a ``python3`` Jupyter kernel). Each notebook runs
+in a fresh kernel in a temporary folder, with the settings given by ``SMALL`` below (small settings,
+``NLMEFIT_SMALL=1``, where the full ones take more than a couple of minutes; the notebook's first cell says which
+produced its outputs), progress bars off (``NLMEFIT_PROGRESS=0``) and matplotlib's inline backend. Execution
+counts and outputs are kept; cell timings, widget state and the kernel's version details are not, and file paths
+in warnings are made relative to the repository, so a rerun changes only what the computation changes (wall times
+printed by the cells, unseeded random draws).
+tests/test_notebooks.py runs the cells itself (small settings) and checks that the committed notebooks have the
+sources written here and are executed; it does not compare outputs.
+"""
+import argparse
 import json
+import os
 import pathlib
+import sys
+import tempfile
+import time
 
 HERE = pathlib.Path(__file__).parent
+METADATA = {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+            "language_info": {"name": "python"}}
+# the stored outputs of these notebooks come from the small settings (NLMEFIT_SMALL=1); the others from the full
+SMALL = {"01_data_and_models": False, "02_fit_theophylline_pheno": False, "03_em_and_exact_likelihood": False,
+         "04_diagnostics_and_regimens": False, "05_variational": False, "06_benchmark_vs_generative": True}
+NOTE = {False: "The outputs shown here were produced with the full settings "
+               "(`python notebooks/_build_notebooks.py --execute`).",
+        True: "The outputs shown here were produced with the small settings (`NLMEFIT_SMALL=1`, which "
+              "`python notebooks/_build_notebooks.py --execute` uses for this notebook to keep the build short): "
+              "estimates and figures are rougher than with the full settings."}
+NOTEBOOKS = []  # (path, notebook dict), in order
+
 
 def nb(cells, path):
-    out = {"cells": [], "metadata": {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
-           "language_info": {"name": "python"}}, "nbformat": 4, "nbformat_minor": 5}
+    """Register a notebook: ``cells`` are (kind, source) pairs; the settings note goes under the first cell."""
+    out = {"cells": [], "metadata": METADATA, "nbformat": 4, "nbformat_minor": 5}
     for i, (kind, src) in enumerate(cells):
-        c = {"cell_type": kind, "id": f"c{i}", "metadata": {}, "source": src.strip("\n").splitlines(keepends=True)}
+        src = src.strip("\n")
+        if i == 0:
+            src += "\n\n" + NOTE[SMALL[path.stem]]
+        c = {"cell_type": kind, "id": f"c{i}", "metadata": {}, "source": src.splitlines(keepends=True)}
         if kind == "code":
             c.update(outputs=[], execution_count=None)
         out["cells"].append(c)
-    json.dump(out, open(path, "w"), indent=1)
-    print("wrote", path)
+    NOTEBOOKS.append((path, out))
+
+
+def write(notebook, path):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(notebook, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+
+
+def _setenv(values):
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def execute(notebook, small, timeout):
+    """Run ``notebook`` (a dict) top to bottom in a fresh python3 kernel; the executed notebook, without timings,
+    widget state or kernel details."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    node = nbformat.reads(json.dumps(notebook), as_version=4)
+    env = {"NLMEFIT_SMALL": "1" if small else "0", "NLMEFIT_PROGRESS": "0", "MPLBACKEND": None}  # None: unset
+    saved = {k: os.environ.get(k) for k in env}
+    _setenv(env)  # the kernel inherits the environment
+    try:
+        with tempfile.TemporaryDirectory() as tmp:  # files a notebook writes (bench_out/ …) land here
+            NotebookClient(node, timeout=timeout, kernel_name="python3", record_timing=False,
+                           resources={"metadata": {"path": tmp}}).execute()
+    finally:
+        _setenv(saved)
+    out = json.loads(nbformat.writes(node))  # sources and texts as lists of lines, like the unexecuted form
+    out["metadata"] = METADATA
+    root = str(HERE.resolve().parent) + os.sep
+    for cell in out["cells"]:
+        cell["metadata"] = {}
+        for o in cell.get("outputs", []):
+            o.get("data", {}).pop("application/vnd.jupyter.widget-view+json", None)
+            if o["output_type"] == "stream":  # warnings name their file: relative to the repository, not this machine
+                o["text"] = [line.replace(root, "") for line in o["text"]]
+    return out
+
 
 nb([
 ("markdown", """# 01 — Data and models
@@ -43,7 +122,7 @@ fig, ax = plt.subplots(figsize=(6, 4))
 for i, g in obs.groupby("ID"):
     ax.plot(g["TIME"], g["DV"], marker="o", lw=1, ms=3)
 ax.set_xlabel("time (h)"); ax.set_ylabel("theophylline (mg/L)"); ax.set_title("theophylline, 12 subjects")
-fig"""),
+plt.show()"""),
 ("markdown", """A library model: one-compartment, first-order absorption, log-normal IIV on every parameter."""),
 ("code", """model = nlmefit.library.get("1cmt_oral", error="additive",
                             theta={"cl": 2.8, "v": 32.0, "ka": 1.6},
@@ -57,7 +136,7 @@ ax.fill_between(q.index, q[0.05], q[0.95], alpha=0.3, label="simulated 90% inter
 ax.plot(q.index, q[0.5], label="simulated median")
 ax.plot(obs["TIME"], obs["DV"], "k.", label="observed")
 ax.legend(); ax.set_xlabel("time (h)"); ax.set_ylabel("mg/L")
-fig"""),
+plt.show()"""),
 ("markdown", """A design instead of a dataset: 100 mg q12h for 3 days in 50 virtual subjects."""),
 ("code", """sim2 = nlmefit.simulate(model, None, times=np.arange(0.5, 72, 1.0),
                         doses=[{"TIME": 0, "AMT": 320, "CMT": 1, "II": 12, "ADDL": 5}],
@@ -96,7 +175,8 @@ axes[0].plot(p["IPRED"], p["DV"], "o", ms=3); axes[0].axline((0, 0), slope=1, co
 axes[0].set_xlabel("IPRED"); axes[0].set_ylabel("DV")
 axes[1].plot(p["TIME"], p["CWRES"], "o", ms=3); axes[1].axhline(0, color="k", lw=1)
 axes[1].set_xlabel("time (h)"); axes[1].set_ylabel("CWRES")
-fig.tight_layout(); fig"""),
+fig.tight_layout()
+plt.show()"""),
 ("markdown", """## pheno_real
 
 NONMEM's `$PK` block written as a Python function (see `docs/models.md`). NONMEM 7.4.2 FOCE-I: OFV 586.27606,
@@ -269,7 +349,7 @@ for k in ("VEM gaussian", "VEM nsf"):
         ax.axvline(fits[k].phases["optimise"], ls=":", color="grey")
 ax.set_ylim(np.percentile(tr["elbo_smoothed"], 5) - 20, tr["elbo_smoothed"].max() + 5)
 ax.set_xlabel("step"); ax.set_ylabel("ELBO"); ax.legend()
-fig"""),
+plt.show()"""),
 ("markdown", """## A visibly non-Gaussian posterior
 
 A flip-flop-prone design: ka ≈ k = CL/V, two samples per subject, large IIV on V and ka. θ is held at the truth
@@ -298,7 +378,7 @@ for ax, (kind, f) in zip(axes, post.items()):
     ax.plot(eta[:, 1], eta[:, 2], ".", ms=1, alpha=0.4)
     ax.set_title(f"{kind}: subject {i + 1}"); ax.set_xlabel("η_V")
 axes[0].set_ylabel("η_ka")
-fig"""),
+plt.show()"""),
 ("markdown", """## Amortized VEM: posteriors for new subjects without re-optimisation
 
 One encoder (a masked set encoder over each subject's observation and dose records) is trained with θ on the
@@ -384,7 +464,33 @@ fig, ax = plt.subplots(figsize=(8, 3))
 held = res.table[res.table["REGIMEN"] == res.table["REGIMEN"].iloc[0]]
 ax.bar(held["MODEL"], held["COVERAGE_MAE"])
 ax.set_ylabel("VPC coverage error"); ax.tick_params(axis="x", labelrotation=45)
-fig"""),
+plt.show()"""),
 ("markdown", """`bench_out/profiles.png` shows each model's simulated 5/50/95 % band against the held-out data, per regimen:
 on the training regimen most models reproduce the data; on 300 mg and on the q12h regimen only NLME does."""),
 ], HERE / "06_benchmark_vs_generative.ipynb")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--execute", action="store_true", help="execute the notebooks and store their outputs")
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds a cell may run (default 1800)")
+    ap.add_argument("names", nargs="*", help="only these notebooks (file name, stem or its start: 05; default all)")
+    args = ap.parse_args(argv)
+    wanted = [pathlib.Path(n).stem for n in args.names]
+    unknown = [w for w in wanted if not any(p.stem.startswith(w) for p, _ in NOTEBOOKS)]
+    if unknown:
+        ap.error(f"no such notebook: {unknown}")
+    for path, notebook in NOTEBOOKS:
+        if wanted and not any(path.stem.startswith(w) for w in wanted):
+            continue
+        if args.execute:
+            t0 = time.perf_counter()
+            notebook = execute(notebook, SMALL[path.stem], args.timeout)
+            dt = time.perf_counter() - t0
+        write(notebook, path)
+        print("wrote", path.name, f"(executed, {'small' if SMALL[path.stem] else 'full'} settings, {dt:.0f} s)"
+              if args.execute else "(sources only)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

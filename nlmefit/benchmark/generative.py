@@ -214,10 +214,9 @@ def run_benchmark(bench: BenchData, *, models=MODELS, n_samples: int = 1000, qui
 # ---------------------------------------------------------------------- figures and files
 def save(result: BenchResult, out: str | os.PathLike) -> list[Path]:
     """Write ``table.csv``, ``table.txt``, ``metrics.png`` (bar chart) and ``profiles.png`` into ``out``."""
-    import matplotlib  # local: matplotlib only when figures are written
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # local: as above
+    # local: matplotlib only when figures are written. Figure objects, not pyplot: no backend is chosen or
+    # switched (matplotlib.use("Agg") here would end inline figures in the notebook that calls save)
+    from matplotlib.figure import Figure
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -231,8 +230,8 @@ def save(result: BenchResult, out: str | os.PathLike) -> list[Path]:
     atomic(out / "table.txt", lambda fh: fh.write(result.format() + f"\n\nmachine: {result.machine}\n"))
     regimens = list(result.views)
     metrics = ["NLL", "ENERGY", "MMD", "SLICED_W", "C2ST", "COVERAGE_MAE"]
-    fig, axes = plt.subplots(len(regimens), len(metrics), figsize=(3.2 * len(metrics), 2.8 * len(regimens)),
-                             squeeze=False)
+    fig = Figure(figsize=(3.2 * len(metrics), 2.8 * len(regimens)))
+    axes = fig.subplots(len(regimens), len(metrics), squeeze=False)
     for r, reg in enumerate(regimens):
         sub = result.table[result.table["REGIMEN"] == reg]
         for c, met in enumerate(metrics):
@@ -242,10 +241,9 @@ def save(result: BenchResult, out: str | os.PathLike) -> list[Path]:
             ax.tick_params(axis="x", labelrotation=90, labelsize=7)
     fig.tight_layout()
     atomic(out / "metrics.png", lambda fh: fig.savefig(fh, format="png", dpi=90), binary=True)
-    plt.close(fig)
     names = list(dict.fromkeys(m for m, _ in result.samples))
-    fig, axes = plt.subplots(len(regimens), len(names), figsize=(2.6 * len(names), 2.4 * len(regimens)),
-                             squeeze=False, sharey="row")
+    fig = Figure(figsize=(2.6 * len(names), 2.4 * len(regimens)))
+    axes = fig.subplots(len(regimens), len(names), squeeze=False, sharey="row")
     for r, reg in enumerate(regimens):
         v = result.views[reg]
         obs_q = np.nanquantile(v.y, [0.05, 0.5, 0.95], axis=0)
@@ -265,7 +263,6 @@ def save(result: BenchResult, out: str | os.PathLike) -> list[Path]:
                 ax.set_ylabel(reg, fontsize=7)
     fig.tight_layout()
     atomic(out / "profiles.png", lambda fh: fig.savefig(fh, format="png", dpi=90), binary=True)
-    plt.close(fig)
     return written
 
 
