@@ -47,8 +47,14 @@ __all__ = ["FitResult", "SCHEMA_VERSION"]
 SCHEMA_VERSION = 2  # of result.json; 1 kept traces and likelihoods in an untyped "extra" dict
 
 
+class _CleanRows(list):
+    """Rows already JSON-safe (built column by column in :func:`_frame_to_json`): :func:`_clean` keeps them."""
+
+
 def _clean(x):
     """JSON-safe: NaN/inf → None, numpy → Python."""
+    if isinstance(x, _CleanRows):
+        return x
     if isinstance(x, dict):
         return {str(k): _clean(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
@@ -64,11 +70,25 @@ def _clean(x):
     return x
 
 
+def _column_to_json(col: pd.Series) -> list:
+    """One column as JSON-safe Python values: numeric columns vectorised (NaN/inf → None), others by _clean."""
+    if pd.api.types.is_float_dtype(col.dtype):
+        v = col.to_numpy(dtype=float)
+        out = v.tolist()
+        for i in np.flatnonzero(~np.isfinite(v)).tolist():
+            out[i] = None
+        return out
+    if pd.api.types.is_integer_dtype(col.dtype) or pd.api.types.is_bool_dtype(col.dtype):
+        return col.to_numpy().tolist()
+    return _clean(col.to_numpy(dtype=object).tolist())
+
+
 def _frame_to_json(df: pd.DataFrame | None):
     if df is None:
         return None
-    return {"columns": list(map(str, df.columns)), "index": _clean(list(df.index)),
-            "data": _clean(df.to_numpy(dtype=object).tolist())}
+    cols = [_column_to_json(df.iloc[:, j]) for j in range(df.shape[1])]
+    rows = _CleanRows(map(list, zip(*cols))) if cols else _CleanRows([] for _ in range(len(df)))
+    return {"columns": list(map(str, df.columns)), "index": _clean(list(df.index)), "data": rows}
 
 
 def _frame_from_json(obj) -> pd.DataFrame | None:
@@ -398,7 +418,10 @@ class FitResult:
         if self.weights:
             state = {k: v.detach().cpu().clone() for k, v in self.weights.items()}
             _atomic_write(_weights_path(path), lambda fh: torch.save(state, fh), binary=True)
-        _atomic_write(path, lambda fh: json.dump(self.to_dict(), fh, indent=1, allow_nan=False))
+        d = self.to_dict()
+        # indented for reading; compact above 20 000 predictions (the C encoder: ~10x faster on 10^6 numbers)
+        indent = 1 if self.predictions is None or len(self.predictions) <= 20_000 else None
+        _atomic_write(path, lambda fh: fh.write(json.dumps(d, indent=indent, allow_nan=False)))
 
     def tables(self, out_dir: str | os.PathLike, **kw) -> list:
         """NONMEM-style ``sdtab``, ``patab``, ``cotab``/``catab``, ``run.ext`` and a name map in ``out_dir``
