@@ -524,6 +524,17 @@ def cmd_simulate(args) -> int:
     return 0
 
 
+def _result_output_dir(args, name: str) -> Path:
+    """``--out``, or RESULT_DIR/``name``, checked before any work (RESULT_DIR must exist)."""
+    p = Path(args.result)
+    if not p.exists():
+        raise CliError(f"{args.result}: no such folder (write one with `nlmefit fit ... --out DIR`)")
+    res_dir = p if p.is_dir() else p.parent
+    out = Path(args.out) if args.out else res_dir / name
+    check_out_dir(str(out), "--out" if args.out else f"{name} folder")
+    return out
+
+
 def cmd_diagnose(args) -> int:
     import matplotlib
 
@@ -531,12 +542,7 @@ def cmd_diagnose(args) -> int:
 
     from nlmefit import diagnostics as dg
 
-    p = Path(args.result)
-    if not p.exists():
-        raise CliError(f"{args.result}: no such folder (write one with `nlmefit fit ... --out DIR`)")
-    res_dir = p if p.is_dir() else p.parent
-    out = Path(args.out) if args.out else res_dir / "diagnostics"
-    check_out_dir(str(out), "--out" if args.out else "diagnostics folder")
+    out = _result_output_dir(args, "diagnostics")
     fit = _load_fit(args.result)
     out.mkdir(parents=True, exist_ok=True)
     written: list[str] = []
@@ -1121,12 +1127,7 @@ def cmd_bootstrap(args) -> int:
     matplotlib.use("Agg")
     import nlmefit
 
-    p = Path(args.result)
-    if not p.exists():
-        raise CliError(f"{args.result}: no such folder (write one with `nlmefit fit ... --out DIR`)")
-    res_dir = p if p.is_dir() else p.parent
-    out = Path(args.out) if args.out else res_dir / "bootstrap"
-    check_out_dir(str(out), "--out" if args.out else "bootstrap folder")
+    out = _result_output_dir(args, "bootstrap")
     shard = _join_ranks(args)
     fit = _load_fit(args.result)
     boot = nlmefit.bootstrap(fit, n=args.n, stratify=args.stratify, seed=args.seed, ci=args.ci,
@@ -1147,12 +1148,7 @@ def cmd_profile(args) -> int:
     matplotlib.use("Agg")
     import nlmefit
 
-    p = Path(args.result)
-    if not p.exists():
-        raise CliError(f"{args.result}: no such folder (write one with `nlmefit fit ... --out DIR`)")
-    res_dir = p if p.is_dir() else p.parent
-    out = Path(args.out) if args.out else res_dir / "profile"
-    check_out_dir(str(out), "--out" if args.out else "profile folder")
+    out = _result_output_dir(args, "profile")
     fit = _load_fit(args.result)
     prof = nlmefit.profile(fit, args.param, level=args.ci, progress=_progress(args))
     out.mkdir(parents=True, exist_ok=True)

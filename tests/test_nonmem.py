@@ -322,3 +322,24 @@ def test_alag1_becomes_tlag_and_several_dosed_compartments_are_refused(tmp_path)
     (tmp_path / "lag2.mod").write_text(text.replace(str(data), "theo2.csv"))
     with pytest.raises(ModelSpecError, match="dose into compartments 1, 2"):
         nlmefit.from_nonmem(tmp_path / "lag2.mod")
+
+
+def test_compiled_expressions_match_sympy_on_a_batch():
+    import sympy
+
+    from nlmefit.nonmem.expressions import compile_block
+
+    a, b, c = sympy.symbols("a b c")
+    exprs = {"max": sympy.Max(a, b, c), "pw": sympy.Piecewise((a, sympy.And(a > 0, b < 1)), (c, True)),
+             "log10": sympy.log(c, 10), "pow": a ** 2 * sympy.sqrt(c) / b - 3, "neg": -2 * a + 1}
+    f = compile_block(["a", "b", "c"], [("d", a + b, "$PK: D = A + B")], {**exprs, "d": sympy.Symbol("d")})
+    vals = {"a": torch.tensor([1.0, -1.5, 2.0], dtype=torch.float64),
+            "b": torch.tensor([0.5, 2.0, 3.0], dtype=torch.float64),
+            "c": torch.tensor([3.0, 4.0, 0.1], dtype=torch.float64)}
+    out = f(vals)
+    for k, e in {**exprs, "d": a + b}.items():
+        ref = [float(e.subs({a: float(vals["a"][i]), b: float(vals["b"][i]), c: float(vals["c"][i])}))
+               for i in range(3)]
+        assert out[k].numpy() == pytest.approx(ref, rel=1e-12), k
+    with pytest.raises(ModelSpecError, match="Z is neither"):
+        compile_block(["a"], [], {"x": a + sympy.Symbol("Z")})

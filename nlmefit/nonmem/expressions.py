@@ -29,6 +29,7 @@ _FUNCS = {
     sympy.tan: "tan", sympy.atan: "atan", sympy.asin: "asin", sympy.acos: "acos", sympy.tanh: "tanh",
     sympy.erf: "erf",
 }
+_FOLDS = {sympy.And: "logical_and", sympy.Or: "logical_or", sympy.Max: "maximum", sympy.Min: "minimum"}
 _RELATIONS = {
     sympy.StrictLessThan: "lt", sympy.LessThan: "le", sympy.StrictGreaterThan: "gt", sympy.GreaterThan: "ge",
     sympy.Equality: "eq", sympy.Unequality: "ne",
@@ -117,20 +118,13 @@ class _Coder:
             return out
         if type(e) in _RELATIONS:
             return f"T.{_RELATIONS[type(e)]}(_t({c(e.args[0])}), _t({c(e.args[1])}))"
-        if isinstance(e, (sympy.And, sympy.Or)):
-            op = "logical_and" if isinstance(e, sympy.And) else "logical_or"
+        if type(e) in _FOLDS:  # n-ary And/Or/Max/Min as nested binary torch ops
             out = f"_t({c(e.args[0])})"
             for a in e.args[1:]:
-                out = f"T.{op}({out}, _t({c(a)}))"
+                out = f"T.{_FOLDS[type(e)]}({out}, _t({c(a)}))"
             return out
         if isinstance(e, sympy.Not):
             return f"T.logical_not(_t({c(e.args[0])}))"
-        if isinstance(e, (sympy.Max, sympy.Min)):
-            op = "maximum" if isinstance(e, sympy.Max) else "minimum"
-            out = f"_t({c(e.args[0])})"
-            for a in e.args[1:]:
-                out = f"T.{op}({out}, _t({c(a)}))"
-            return out
         raise ModelSpecError(f"{self.where}: {type(e).__name__} ({e}) is not translated to torch")
 
 
