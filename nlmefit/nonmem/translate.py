@@ -26,7 +26,7 @@ What is translated, and how:
 
 Refused, with the statement named (never silently changed): other uses of inter-occasion etas, several
 observation compartments or DVIDs, ``$MIX``, transit/nonlinear features the closed form cannot express when no
-``$DES`` exists, and expressions outside :func:`~nlmefit.nonmem.expressions.evaluate`'s set.
+``$DES`` exists, and expressions outside what :func:`~nlmefit.nonmem.expressions.compile_block` translates.
 """
 from __future__ import annotations
 
@@ -363,10 +363,10 @@ def _sd_parameter(coef: sympy.Basic, params, thetas_to_ours, where: str):
     def sd(x: float) -> float:  # variance term -> SD
         return math.sqrt(c * x) if power == 1 else math.sqrt(c) * abs(x)
 
-    lower = 0.0 if power == 1 or p.lower >= 0 else 0.0
+    # an SD is positive: a variance's positive lower bound carries over; a THETA's sign does not matter (|θ|)
+    lower = sd(p.lower) if power == 1 and p.lower > 0 else 0.0
     upper = math.inf if not math.isfinite(p.upper) else sd(p.upper)
-    param = Param(sd(float(p.init)), lower=max(lower, sd(p.lower) if power == 1 and p.lower > 0 else 0.0),
-                  upper=upper, fixed=bool(p.fix))
+    param = Param(sd(float(p.init)), lower=lower, upper=upper, fixed=bool(p.fix))
     nonmem = s.name
     # NONMEM value = scale · SD ** power' where power' = 2 (variance) or 1 (THETA)
     return param, nonmem, ((1.0 / c), 2) if power == 1 else (1.0 / math.sqrt(c), 1)
