@@ -206,12 +206,13 @@ class ClassicalEstimator(Estimator):
         report.close()  # the bar ends with the minimisation; the covariance step's warnings print below it
         with torch.no_grad():
             p_hat = pset.from_unconstrained(torch.tensor(u_hat, dtype=torch.float64, device=dev))
-        eta_start = state["eta"]
-        if shard is not None:  # every rank gets every subject's modes (the result is the same on every rank)
+        if shard is None:
+            eta_hat = lin.modes(model, p_hat, mdata, state["eta"])
+        else:  # each rank its own subjects' modes, then every rank all of them (the result is the same everywhere)
             full = torch.zeros(mdata.n_subjects, mdata.q, dtype=torch.float64, device=dev)
-            full[mine] = eta_start.detach()
-            eta_start = shard.allreduce_sum(full)
-        eta_hat = lin.modes(model, p_hat, mdata, eta_start)
+            if ldata.n_subjects:
+                full[mine] = lin.modes(model, p_hat, ldata, state["eta"]).detach()
+            eta_hat = shard.allreduce_sum(full)
         return build_result(self, model, mdata, p_hat, eta_hat, linearisation=lin, n_iter=n_iter,
                             converged=converged, messages=messages, elapsed=time.perf_counter() - t0, seed=seed,
                             check_moved=self.maxiter > 0)
