@@ -20,8 +20,9 @@ the collective, so a numerical failure cannot hang the others.
 * **Who writes.** Only rank 0 prints and writes result files (atomically); the other ranks return after the fit.
 
 Estimators that use it: FO, FOCE, FOCE-I, Laplace and AGQ (:class:`~nlmefit.estimators.classical.
-ClassicalEstimator`). The covariance step and the final modes are computed on every rank over all subjects
-(each rank holds the whole data set), so the result is the same object everywhere.
+ClassicalEstimator`). The final modes are found per rank and all-reduced; the covariance step, predictions and
+residuals are computed on every rank over all subjects (each rank holds the whole data set), so the result is the
+same object everywhere.
 """
 from __future__ import annotations
 
