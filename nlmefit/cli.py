@@ -686,7 +686,7 @@ def cmd_fit(args) -> int:
     run = _control_stream(args)  # a NONMEM control stream brings its model, data and $ESTIMATION
     covariates: dict = {}
     if run is not None:
-        df, label, model_name, dvid, model = run.data, "", args.data, None, run.model
+        df, model_name, dvid, model = run.data, args.data, None, run.model
         cols = _column_map(df, args.col)
         stream_options = dict(run.options)
         args.method = args.method or run.method
@@ -698,15 +698,9 @@ def cmd_fit(args) -> int:
     else:
         args.method = args.method or "focei"
         stream_options = {}
-        df, label = _read_data(args.data, args.sep, args.where)
-        cols = _column_map(df, args.col)
-        model_name = args.model or DEFAULT_MODELS.get(label)
-        if model_name is None:
-            raise CliError(f"give --model for {args.data} (a library name: {', '.join(nlmefit.library.NAMES)})")
-        dvid = args.dvid if args.dvid is not None else ("cp" if label == "warfarin" and "DVID" not in cols else None)
         for p, f in args.cov or []:
             covariates.setdefault(p, []).append(f)
-        model = _load_model(model_name, args.error, dvid, covariates or None, args.omega_block)
+        df, cols, model_name, dvid, model = _data_and_model(args, covariates or None, args.omega_block)
     panel = _panel(df, cols, args.sort)
     init = _init_arg(args, model)
     with warnings.catch_warnings():  # model/data mismatches surface here, before the fit (which warns itself)
@@ -812,6 +806,19 @@ def cmd_fit(args) -> int:
     return 0 if result.converged else 1
 
 
+def _data_and_model(args, covariates: dict | None = None, omega_blocks=None):
+    """(DataFrame, column map, model name, DVID, model) from DATA and --model/--error/--dvid (fit, scm)."""
+    import nlmefit
+
+    df, label = _read_data(args.data, args.sep, args.where)
+    cols = _column_map(df, args.col)
+    model_name = args.model or DEFAULT_MODELS.get(label)
+    if model_name is None:
+        raise CliError(f"give --model for {args.data} (a library name: {', '.join(nlmefit.library.NAMES)})")
+    dvid = args.dvid if args.dvid is not None else ("cp" if label == "warfarin" and "DVID" not in cols else None)
+    return df, cols, model_name, dvid, _load_model(model_name, args.error, dvid, covariates, omega_blocks)
+
+
 def _join_ranks(args):
     """This process's :class:`nlmefit.parallel.Shard` when torchrun or ``--workers`` started it as a rank."""
     from nlmefit import parallel  # local: torch.distributed only when ranks are asked for
@@ -866,13 +873,7 @@ def cmd_scm(args) -> int:
     import nlmefit
 
     out = check_out_dir(args.out)
-    df, label = _read_data(args.data, args.sep, args.where)
-    cols = _column_map(df, args.col)
-    model_name = args.model or DEFAULT_MODELS.get(label)
-    if model_name is None:
-        raise CliError(f"give --model for {args.data} (a library name: {', '.join(nlmefit.library.NAMES)})")
-    dvid = args.dvid if args.dvid is not None else ("cp" if label == "warfarin" and "DVID" not in cols else None)
-    model = _load_model(model_name, args.error, dvid)
+    df, cols, model_name, dvid, model = _data_and_model(args)
     panel = _panel(df, cols, args.sort)
     options = {"maxiter": args.maxiter} if args.maxiter is not None else {}
     res = nlmefit.scm(model, panel, args.cov_candidates, method=args.method, p_forward=args.p_forward,

@@ -124,8 +124,7 @@ def profile(fit, params: Sequence[str] | None = None, *, level: float = 0.95, to
     crit = float(chi2.ppf(level, 1))
     z = math.sqrt(crit)
     x_hat = pset.to_natural_vector(p_hat).detach().cpu().numpy()
-    se = fit.summary()["se"].reindex(names).to_numpy(float) if fit.summary() is not None else np.full(len(names),
-                                                                                                      np.nan)
+    se = fit.summary()["se"].reindex(names).to_numpy(float)  # NaN without a covariance step: _se_u's default
     # problems: (param position k, side ±1); state: evaluated (u, ΔOFV) and the warm start
     probs = [(k, s) for k in range(len(cols)) for s in (-1, 1)]
     seen: dict[tuple[int, int], list[tuple[float, float]]] = {p: [] for p in probs}
