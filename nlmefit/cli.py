@@ -31,6 +31,7 @@ DEFAULT_MODELS = {"theophylline": "1cmt_oral", "pheno": "pheno_real", "warfarin"
                   "wang2007": "wang2007",
                   "oral_1cpt": "1cmt_oral", "bolus_2cpt": "2cmt_iv", "infusion_1cpt": "1cmt_iv"}
 CLASSICAL = ("fo", "foce", "focei", "laplace", "agq")
+SHARDED = CLASSICAL + ("saem",)  # estimators that run on torch.distributed ranks (--workers, torchrun)
 METHODS = CLASSICAL + ("saem", "nuts", "vem")
 
 
@@ -707,9 +708,9 @@ def cmd_fit(args) -> int:
         warnings.simplefilter("ignore")
         model.prepare(panel, device=args.device, check_likelihood=False)
     progress = _progress(args) if shard is None or shard.rank == 0 else False  # one bar: rank 0's
-    if shard is not None and args.method not in CLASSICAL:
+    if shard is not None and args.method not in SHARDED:
         raise ModelSpecError(f"--workers/torchrun: --method {args.method} runs in one process in this version "
-                             f"(sharded: {', '.join(CLASSICAL)})")
+                             f"(sharded: {', '.join(SHARDED)})")
     if args.method == "nuts":
         options = dict(device=args.device, progress=progress)
         for flag, key in (("chains", "num_chains"), ("draws", "num_samples"), ("warmup", "warmup_steps")):
@@ -746,6 +747,11 @@ def cmd_fit(args) -> int:
         options["covariance"] = stream_options["covariance"]  # $COVARIANCE (or none) in the control stream
     if args.method == "saem":
         options.update({k: v for k, v in stream_options.items() if k in ("n_explore", "n_smooth")})
+    for key in ("n_explore", "n_smooth"):
+        if getattr(args, key) is not None:
+            if args.method != "saem":
+                raise ModelSpecError(f"--{key.replace('_', '-')} applies to --method saem")
+            options[key] = getattr(args, key)
     if args.no_cov:
         options["covariance"] = None
     if getattr(args, "threads", None) is not None and args.method != "nuts":
@@ -1017,6 +1023,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="estimation method (default focei; a control stream's $ESTIMATION)")
     f.add_argument("--maxiter", type=nonneg_int, default=None,
                    help="maximum optimiser iterations (classical methods; 0 evaluates at the initial values)")
+    f.add_argument("--n-explore", type=positive_int, default=None,
+                   help="SAEM: exploration iterations, step size 1 (default 150; Monolix K1)")
+    f.add_argument("--n-smooth", type=positive_int, default=None,
+                   help="SAEM: smoothing iterations, decreasing step size (default 150; Monolix K2)")
     f.add_argument("--chains", type=positive_int, default=None, help="NUTS chains (default 4)")
     f.add_argument("--draws", type=positive_int, default=None, help="NUTS draws per chain after warm-up (default 1000)")
     f.add_argument("--warmup", type=positive_int, default=None, help="NUTS warm-up steps per chain (default 1000)")

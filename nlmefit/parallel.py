@@ -18,9 +18,17 @@ the collective, so a numerical failure cannot hang the others.
   them with a message naming the rank as soon as one fails. ``torchrun --nproc-per-node K -m nlmefit fit ...``
   does the same through torch's own launcher, across machines with its rendezvous (docs/scaling.md).
 * **Who writes.** Only rank 0 prints and writes result files (atomically); the other ranks return after the fit.
+* **Random numbers by subject.** Sharded stochastic work (SAEM's E-step, importance sampling) draws each
+  block of random numbers for *all* subjects from the same seeded generator on every rank and keeps its own rows
+  (:meth:`Shard.gather_rows` puts per-subject results back together), so a subject's draws do not depend on the
+  number of ranks: a seeded run gives the same estimates on 1, 2 or K ranks. Drawing costs O(N) numbers per
+  rank, negligible beside the O(N_rank·J) model evaluations it feeds.
 
 Estimators that use it: FO, FOCE, FOCE-I, Laplace and AGQ (:class:`~nlmefit.estimators.classical.
-ClassicalEstimator`). The final modes are found per rank and all-reduced; the covariance step, predictions and
+ClassicalEstimator`), SAEM (its sufficient statistics, gradients and information matrices are sums over
+subjects, all-reduced each iteration) and the marginal likelihood by IS or AGQ
+(:func:`nlmefit.marginal.marginal_loglik`, a collective: every rank calls it with the same arguments).
+The final modes are found per rank and all-reduced; the covariance step, predictions and
 residuals are computed on every rank over all subjects (each rank holds the whole data set), so the result is the
 same object everywhere.
 """
@@ -72,6 +80,19 @@ class Shard:
         """Positions of this rank's subjects in ``data`` (an ObservationData), balanced by observation count."""
         n_obs = data.mask.sum(1).detach().cpu().numpy()
         return balanced_assignment(n_obs, self.world)[self.rank]
+
+    def rows(self, data) -> torch.Tensor:
+        """:meth:`subjects` as an index tensor on ``data``'s device."""
+        return torch.as_tensor(self.subjects(data), dtype=torch.long, device=data.y.device)
+
+    def gather_rows(self, local: torch.Tensor, rows: torch.Tensor, n: int, dim: int = 0) -> torch.Tensor:
+        """The tensor of all ``n`` subjects on every rank, from this rank's ``local`` values at positions ``rows``
+        along ``dim``: each row is filled on exactly one rank (zeros elsewhere), so the sum is the whole."""
+        shape = list(local.shape)
+        shape[dim] = n
+        full = local.new_zeros(shape)
+        full.index_copy_(dim, rows, local.detach())
+        return self.allreduce_sum(full)
 
     def allreduce_sum(self, x: torch.Tensor) -> torch.Tensor:
         """The elementwise sum of ``x`` over the ranks (a new tensor; same on every rank)."""

@@ -54,9 +54,29 @@ def _loglik(model: Model, p: Params, data: ModelData, eta: torch.Tensor) -> torc
     return torch.where(torch.isnan(ll), torch.full_like(ll, -math.inf), ll)
 
 
-def _accept(log_alpha: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    u = torch.rand(log_alpha.shape, generator=gen, dtype=log_alpha.dtype, device=log_alpha.device)
-    return torch.log(u) < log_alpha
+class _Draws:
+    """Random numbers by subject: blocks are drawn for all ``n_total`` subjects and this process's ``rows`` kept
+    (a sharded run, :mod:`nlmefit.parallel`), so a subject's draws do not depend on the number of ranks."""
+
+    def __init__(self, gen: torch.Generator, rows: torch.Tensor | None, n_total: int | None, n: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.gen, self.rows, self.dtype, self.device = gen, rows, dtype, device
+        self.n_total = n if rows is None else int(n_total if n_total is not None else n)
+
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        """This process's subjects of a block whose second axis is the subject."""
+        return x if self.rows is None else x.index_select(1, self.rows)
+
+    def randn(self, c: int, *rest: int) -> torch.Tensor:
+        """Standard normals [c, n, *rest]."""
+        return self.take(torch.randn(c, self.n_total, *rest, generator=self.gen, dtype=self.dtype,
+                                     device=self.device))
+
+    def accept(self, log_alpha: torch.Tensor) -> torch.Tensor:
+        """Metropolis decisions for ``log_alpha`` [c, n]."""
+        u = self.take(torch.rand(log_alpha.shape[0], self.n_total, generator=self.gen, dtype=log_alpha.dtype,
+                                 device=log_alpha.device))
+        return torch.log(u) < log_alpha
 
 
 def _adapt(scale: torch.Tensor, acc: torch.Tensor, target: float) -> torch.Tensor:
@@ -65,11 +85,15 @@ def _adapt(scale: torch.Tensor, acc: torch.Tensor, target: float) -> torch.Tenso
 
 
 def mcmc_sweep(model: Model, p: Params, data: ModelData, state: ChainState, kernels: dict[str, int],
-               gen: torch.Generator, adapt: bool = True, target: float = 0.3) -> ChainState:
-    """Run ``kernels[name]`` transitions of each kernel, in the order of :data:`KERNELS`; returns the state."""
+               gen: torch.Generator, adapt: bool = True, target: float = 0.3, rows: torch.Tensor | None = None,
+               n_total: int | None = None) -> ChainState:
+    """Run ``kernels[name]`` transitions of each kernel, in the order of :data:`KERNELS`; returns the state.
+    ``rows``/``n_total``: in a sharded run, the positions of ``data``'s subjects among all ``n_total`` (random
+    numbers are then drawn for all and these rows kept)."""
     p = p.detach()
     eta = state.eta
     c, n, q = eta.shape
+    rng = _Draws(gen, rows, n_total, n, eta.dtype, eta.device)
     cov = model.prior_covariance(p, data.n_occ)
     L = torch.linalg.cholesky(cov)
     sd = torch.sqrt(torch.diagonal(cov))
@@ -80,14 +104,11 @@ def mcmc_sweep(model: Model, p: Params, data: ModelData, state: ChainState, kern
         state.accepted[name] = state.accepted.get(name, 0) + acc.sum()
         state.proposed[name] = state.proposed.get(name, 0) + acc.numel()
 
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen, dtype=eta.dtype, device=eta.device)
-
     with torch.no_grad():
         for _ in range(kernels.get("prior", 0)):
-            prop = model.sample_eta(p, n, data.n_occ, generator=gen, size=(c,))
+            prop = rng.take(model.sample_eta(p, rng.n_total, data.n_occ, generator=gen, size=(c,)))
             ll_p = _loglik(model, p, data, prop)
-            acc = _accept(ll_p - ll, gen)
+            acc = rng.accept(ll_p - ll)
             eta = torch.where(acc.unsqueeze(-1), prop, eta)
             ll = torch.where(acc, ll_p, ll)
             count("prior", acc)
@@ -96,12 +117,12 @@ def mcmc_sweep(model: Model, p: Params, data: ModelData, state: ChainState, kern
             """One random-walk accept/reject of ``prop`` against the full posterior."""
             ll_p = _loglik(model, p, data, prop)
             lp_p = model.log_prior(p, prop, data.n_occ)
-            acc = _accept(ll_p + lp_p - ll - lp, gen)
+            acc = rng.accept(ll_p + lp_p - ll - lp)
             return (torch.where(acc.unsqueeze(-1), prop, eta), torch.where(acc, ll_p, ll),
                     torch.where(acc, lp_p, lp), acc)
 
         for _ in range(kernels.get("block", 0)):
-            prop = eta + state.scale_block.unsqueeze(-1) * (randn(c, n, q) @ L.T)
+            prop = eta + state.scale_block.unsqueeze(-1) * (rng.randn(c, q) @ L.T)
             eta, ll, lp, acc = metropolis(eta, prop, ll, lp)
             if adapt:
                 state.scale_block = _adapt(state.scale_block, acc, target)
@@ -109,13 +130,13 @@ def mcmc_sweep(model: Model, p: Params, data: ModelData, state: ChainState, kern
         for _ in range(kernels.get("component", 0)):
             for j in range(q):
                 step = torch.zeros_like(eta)
-                step[..., j] = state.scale_comp[..., j] * sd[j] * randn(c, n)
+                step[..., j] = state.scale_comp[..., j] * sd[j] * rng.randn(c)
                 eta, ll, lp, acc = metropolis(eta, eta + step, ll, lp)
                 if adapt:
                     state.scale_comp[..., j] = _adapt(state.scale_comp[..., j], acc, target)
                 count("component", acc)
     for _ in range(kernels.get("mala", 0)):
-        eta, ll, lp = _mala(model, p, data, state, eta, L, gen, adapt, randn, count)
+        eta, ll, lp = _mala(model, p, data, state, eta, L, rng, adapt, count)
     state.eta = eta.detach()
     return state
 
@@ -128,14 +149,14 @@ def _grad_logpost(model, p, data, eta):
     return lpost.detach(), torch.nan_to_num(g.detach(), nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def _mala(model, p, data, state, eta, L, gen, adapt, randn, count):
+def _mala(model, p, data, state, eta, L, rng: _Draws, adapt, count):
     """One MALA transition with preconditioner M_i = s_i² Ω (so the proposal is N(η + ½M∇, M))."""
     c, n, q = eta.shape
     M = L @ L.T
     s = state.scale_mala.unsqueeze(-1)
     lpost, g = _grad_logpost(model, p, data, eta)
     mean_fwd = eta + 0.5 * s * s * (g @ M.T)
-    prop = mean_fwd + s * (randn(c, n, q) @ L.T)
+    prop = mean_fwd + s * (rng.randn(c, q) @ L.T)
     lpost_p, g_p = _grad_logpost(model, p, data, prop)
     mean_bwd = prop + 0.5 * s * s * (g_p @ M.T)
 
@@ -145,7 +166,7 @@ def _mala(model, p, data, state, eta, L, gen, adapt, randn, count):
 
     log_alpha = lpost_p - lpost + logq(eta, mean_bwd) - logq(prop, mean_fwd)
     log_alpha = torch.where(torch.isfinite(lpost_p), log_alpha, torch.full_like(log_alpha, -math.inf))
-    acc = _accept(log_alpha, gen)
+    acc = rng.accept(log_alpha)
     eta = torch.where(acc.unsqueeze(-1), prop, eta)
     if adapt:
         state.scale_mala = _adapt(state.scale_mala, acc, 0.57)

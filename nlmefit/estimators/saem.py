@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from nlmefit import parallel
 from nlmefit.errors import EstimationError, ModelSpecError
 from nlmefit.estimators.base import Estimator, check_covariance, register
 from nlmefit.estimators.mcmc import KERNELS, init_chains, mcmc_sweep
@@ -206,11 +207,17 @@ class SAEM(Estimator):
             return self._fit(model, mdata, seed, t0)
 
     def _fit(self, model: LatentModel, mdata, seed: int, t0: float):
-        run = _Run(self, model, mdata, seed)
+        shard = parallel.current()  # several ranks: this one samples its own subjects, statistics are all-reduced
+        if shard is not None and shard.world > mdata.n_subjects:
+            raise ModelSpecError(f"saem: {shard.world} ranks for {mdata.n_subjects} subjects; use at most as many "
+                                 f"ranks as subjects")
+        rows = None if shard is None else shard.rows(mdata)
+        ldata = mdata if rows is None else mdata.index(rows)
+        run = _Run(self, model, ldata, seed, full=mdata, shard=shard)
         p = run.pset.initial(torch.float64, mdata.y.device)
         self._check_initial(model, p, mdata)
         start = self._start_loglik(model, p, mdata, seed)
-        state = init_chains(run.n_chains, torch.zeros(mdata.n_subjects, mdata.q, dtype=torch.float64,
+        state = init_chains(run.n_chains, torch.zeros(ldata.n_subjects, mdata.q, dtype=torch.float64,
                                                       device=mdata.y.device))
         names = list(run.pset.natural_dict(p))
         free = set(run.pset.natural_names)
@@ -226,17 +233,18 @@ class SAEM(Estimator):
                 explore = k <= self.n_explore
                 gamma = 1.0 if explore else (k - self.n_explore) ** (-self.step_exponent)
                 try:
-                    state = mcmc_sweep(model, p, mdata, state, self.kernels, run.gen, adapt=explore,
-                                       target=self.target_accept)  # E-step
+                    state = mcmc_sweep(model, p, ldata, state, self.kernels, run.gen, adapt=explore,
+                                       target=self.target_accept, rows=rows,
+                                       n_total=mdata.n_subjects)  # E-step
                 except torch.linalg.LinAlgError as err:  # Ω is kept positive definite: this is a model problem
                     raise EstimationError(f"saem: iteration {k}: the E-step failed ({err}) at "
                                           f"{_fmt(run.pset.natural_dict(p))}") from None
                 with torch.no_grad():
-                    psi = state.eta + self._mu(model, p, mdata)  # [C, N, q]
+                    psi = state.eta + self._mu(model, p, ldata)  # [C, N, q]
                 p = run.theta_step(p, psi, gamma, explore)
                 with torch.no_grad():
                     p = p.detach()
-                    state.eta = psi - self._mu(model, p, mdata)  # re-centre the chains on the new typical values
+                    state.eta = psi - self._mu(model, p, ldata)  # re-centre the chains on the new typical values
                     p = run.m_step(p, psi, state.eta, gamma, explore)
                     if not explore and (k - self.n_explore) % keep_every == 0:
                         draws.append(state.eta.clone())
@@ -248,9 +256,14 @@ class SAEM(Estimator):
                                               f"values — try better initial estimates or method='focei'")
                     trace_rows.append([k] + [nat[c] for c in names])
                 report(k, float("nan"), phase="explore" if explore else "smooth")  # no OFV while SAEM runs
-        post = EmpiricalPosterior(torch.cat(draws[-self.keep_draws:], 0) if draws else state.eta.clone(), "saem")
+        kept = torch.cat(draws[-self.keep_draws:], 0) if draws else state.eta.clone()
+        acceptance = state.acceptance()
+        if shard is not None:  # every rank: all subjects' draws and the acceptance over all chains
+            kept = shard.gather_rows(kept, rows, mdata.n_subjects, dim=1)
+            acceptance = _reduced_acceptance(shard, state)
+        post = EmpiricalPosterior(kept, "saem")
         traces = pd.DataFrame(trace_rows, columns=["iteration"] + names).set_index("iteration")
-        res = self._result(model, mdata, p, post, traces, state.acceptance(), seed, t0, run, start)
+        res = self._result(model, mdata, p, post, traces, acceptance, seed, t0, run, start)
         return res.replace(elapsed_s=time.perf_counter() - t0)
 
     @staticmethod
@@ -378,6 +391,14 @@ class SAEM(Estimator):
         return out
 
 
+def _reduced_acceptance(shard: parallel.Shard, state) -> dict[str, float]:
+    """Acceptance rates over every rank's chains."""
+    keys = sorted(state.proposed)
+    counts = torch.tensor([[float(state.accepted[k]), float(state.proposed[k])] for k in keys], dtype=torch.float64)
+    tot = shard.allreduce_sum(counts.reshape(-1)).reshape(-1, 2) if keys else counts
+    return {k: float(a) / max(1.0, float(b)) for k, (a, b) in zip(keys, tot.tolist())}
+
+
 def _fmt(nat: dict) -> str:
     return ", ".join(f"{k} {v:.4g}" for k, v in nat.items())
 
@@ -385,8 +406,13 @@ def _fmt(nat: dict) -> str:
 class _Run:
     """One SAEM run's fixed setup and stochastic-approximation statistics (see the module docstring)."""
 
-    def __init__(self, saem: SAEM, model: LatentModel, mdata, seed: int) -> None:
-        self.saem, self.model, self.mdata = saem, model, mdata
+    def __init__(self, saem: SAEM, model: LatentModel, mdata, seed: int, full=None,
+                 shard: parallel.Shard | None = None) -> None:
+        """``mdata``: the subjects this process samples; ``full``: all subjects (the same without ranks);
+        ``shard``: the process group whose ranks hold the other subjects (sums are all-reduced)."""
+        full = mdata if full is None else full
+        self.saem, self.model, self.mdata, self.shard = saem, model, mdata, shard
+        self.n_total, self.n_obs_total = full.n_subjects, max(1, full.n_uncensored)
         self.pset = pset = model.parameters
         self.k = 0  # the current iteration (for messages)
         self.repairs: list[tuple[int, str]] = []  # (iteration, what) for every Ω that had to be repaired
@@ -394,8 +420,8 @@ class _Run:
         self.gen = torch.Generator(device=dev)
         self.gen.manual_seed(seed)
         n, q = mdata.n_subjects, mdata.q
-        self.n_chains = saem.n_chains or max(1, math.ceil(200 / n))
-        cens = bool((mdata.cens[mdata.mask] != 0).any())
+        self.n_chains = saem.n_chains or max(1, math.ceil(200 / self.n_total))
+        cens = bool((full.cens[full.mask] != 0).any())
         self.sig_free = [k for k, s in pset.sigma.items() if not s.fixed]
         # σ² in closed form when Var(y) = σ²·g(f) with one σ (additive, proportional, exponential)
         error = getattr(model, "error", None)
@@ -414,6 +440,17 @@ class _Run:
         self.A: torch.Tensor | None = None  # SA of the complete-data information
         self.G_i = torch.zeros(n, P, **kw)  # SA of E[∇ℓ_i]
         self.S_gg = torch.zeros(P, P, **kw)  # SA of Σ_i E[∇ℓ_i ∇ℓ_iᵀ]
+
+    def reduce(self, *parts: torch.Tensor) -> list[torch.Tensor]:
+        """Each tensor summed over the ranks (one all-reduce for all of them); as they are without ranks."""
+        if self.shard is None:
+            return list(parts)
+        flat = self.shard.allreduce_sum(torch.cat([x.reshape(-1) for x in parts]))
+        out, at = [], 0
+        for x in parts:
+            out.append(flat[at:at + x.numel()].reshape(x.shape))
+            at += x.numel()
+        return out
 
     def complete_loglik(self, v: torch.Tensor, psi: torch.Tensor, p_base: Params) -> torch.Tensor:
         """log p(y_i, ψ_ci | θ(v)) per chain and subject, [C, N]."""
@@ -442,16 +479,22 @@ class _Run:
             return p
         v0 = self.pset.to_unconstrained(p).detach()[self.newton_idx]
         g, B, g_ci = self._derivatives(v0, psi, p)
-        if not (torch.isfinite(B).all() and torch.isfinite(g).all() and torch.isfinite(g_ci).all()):
+        bad = not (torch.isfinite(B).all() and torch.isfinite(g).all() and torch.isfinite(g_ci).all())
+        G_new = self.G_i + gamma * (g_ci.mean(0) - self.G_i)
+        gg = torch.einsum("cnp,cnr->pr", g_ci, g_ci) / self.n_chains
+        # sums over subjects: over the ranks too (with a count of ranks that saw a non-finite term)
+        g, B, gg, GtG, n_bad = self.reduce(g, B, gg, G_new.T @ G_new, torch.tensor(float(bad), dtype=g.dtype,
+                                                                                    device=g.device))
+        if float(n_bad) > 0:
             return p
         self.A = B if (self.A is None or explore) else self.A + gamma * (B - self.A)
-        self.G_i = self.G_i + gamma * (g_ci.mean(0) - self.G_i)
-        self.S_gg = self.S_gg + gamma * (torch.einsum("cnp,cnr->pr", g_ci, g_ci) / self.n_chains - self.S_gg)
+        self.G_i = G_new
+        self.S_gg = self.S_gg + gamma * (gg - self.S_gg)
         gain = self.A
         if not explore:
             # Louis: observed information = complete − missing; the right gain for the Robbins–Monro step
             # (the complete-data one would converge at rate k^(−I_obs/I_comp))
-            louis = self.A - (self.S_gg - self.G_i.T @ self.G_i)
+            louis = self.A - (self.S_gg - GtG)
             louis = 0.5 * (louis + louis.T)
             wl = torch.linalg.eigvalsh(louis)
             if bool(wl.min() > 1e-3 * wl.max()):
@@ -468,12 +511,15 @@ class _Run:
 
     def m_step(self, p: Params, psi: torch.Tensor, eta: torch.Tensor, gamma: float, explore: bool) -> Params:
         """Stochastic approximation of the statistics, then Ω (and σ where closed) in closed form."""
-        n, d = self.mdata.n_subjects, len(self.model.eta_names)
+        n, d = self.n_total, len(self.model.eta_names)
         anneal = self.saem.anneal if explore and self.saem.anneal < 1 else None
         mu = self.saem._mu(self.model, p, self.mdata)
-        self.S2 = self.S2 + gamma * (torch.einsum("cnq,cnr->qr", psi, psi) / (self.n_chains * n) - self.S2)
         self.Psi = self.Psi + gamma * (psi.mean(0) - self.Psi)
-        om_full = self.S2 - (self.Psi.T @ mu + mu.T @ self.Psi) / n + (mu.T @ mu) / n
+        r2 = self._residual_sum(p, eta) if self.closed_sigma else torch.zeros((), dtype=mu.dtype, device=mu.device)
+        # sums over subjects (over the ranks too): Σψψᵀ, ΣΨ̄μᵀ, Σμμᵀ, Σ r²/g(f)
+        spp, spm, smm, r2 = self.reduce(torch.einsum("cnq,cnr->qr", psi, psi), self.Psi.T @ mu, mu.T @ mu, r2)
+        self.S2 = self.S2 + gamma * (spp / (self.n_chains * n) - self.S2)
+        om_full = self.S2 - (spm + spm.T) / n + smm / n
         om_full = 0.5 * (om_full + om_full.T)
         new_omega = _project_omega(self.pset.omega, om_full[:d, :d], p.omega)
         if anneal:
@@ -489,7 +535,7 @@ class _Run:
             new_iov = self._repair(self.pset.omega_iov, new_iov, p.omega_iov, "omega_iov")
         sigma = dict(p.sigma)
         if self.closed_sigma:
-            sigma[self.sig_free[0]] = self._closed_sigma(p, eta, gamma, anneal)
+            sigma[self.sig_free[0]] = self._closed_sigma(p, r2, gamma, anneal)
         return Params(dict(p.theta), new_omega, sigma, new_iov, dict(p.weights))
 
     def _repair(self, spec: Omega, new: torch.Tensor, previous: torch.Tensor, prefix: str) -> torch.Tensor:
@@ -503,16 +549,20 @@ class _Run:
             self.repairs.append((self.k, note))
         return fixed
 
-    def _closed_sigma(self, p: Params, eta: torch.Tensor, gamma: float, anneal: float | None) -> torch.Tensor:
-        """σ = √(SA of mean r²/g(f)) for Var(y) = σ²·g(f)."""
+    def _residual_sum(self, p: Params, eta: torch.Tensor) -> torch.Tensor:
+        """Σ over chains and this process's observations of r²/g(f), for Var(y) = σ²·g(f)."""
         sname, mdata = self.sig_free[0], self.mdata
         unit = {sname: torch.ones((), dtype=torch.float64, device=mdata.y.device)}
         f, _ = self.model.predict(p, eta, mdata)
         v = self.model.error.variance(f, unit)
         m = mdata.mask
         r2 = torch.where(m, (mdata.y - f) ** 2 / torch.where(m, v, torch.ones_like(v)), torch.zeros_like(f))
-        n_obs = max(1, mdata.n_uncensored)
-        self.s_sig = self.s_sig + gamma * (r2.sum() / (self.n_chains * n_obs) - self.s_sig)
+        return r2.sum()
+
+    def _closed_sigma(self, p: Params, r2: torch.Tensor, gamma: float, anneal: float | None) -> torch.Tensor:
+        """σ = √(SA of mean r²/g(f)) for Var(y) = σ²·g(f); ``r2`` the sum over all chains and observations."""
+        sname = self.sig_free[0]
+        self.s_sig = self.s_sig + gamma * (r2 / (self.n_chains * self.n_obs_total) - self.s_sig)
         s2 = self.s_sig
         if anneal:
             s2 = torch.maximum(s2, anneal * p.sigma[sname] ** 2)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,7 +40,7 @@ from nlmefit.models.protocol import LatentModel
 from nlmefit.posteriors.rng import seeded
 from nlmefit.progress import progress_bar
 
-__all__ = ["LoglikEstimate", "importance_loglik"]
+__all__ = ["LoglikEstimate", "importance_loglik", "log_weight_sums", "weights_estimate", "default_chunk"]
 
 
 @dataclass
@@ -96,6 +97,23 @@ def importance_loglik(model: LatentModel, p: Params, data: ObservationData, prop
     """log p(y_i | θ) for every subject by importance sampling from ``proposal`` (a Distribution with batch
     shape [N] and event shape [q]; see the module docstring). ``seed`` makes the draws reproducible without
     touching the caller's random state. ``progress``: a bar over the draws (:mod:`nlmefit.progress`)."""
+    lse_w, lse_w2 = log_weight_sums(model, p, data, proposal, n_samples, seed, chunk, progress)
+    return weights_estimate(data.ids, lse_w, lse_w2, n_samples, getattr(proposal, "kind", type(proposal).__name__),
+                            data.n_uncensored, min_ess)
+
+
+def default_chunk(data: ObservationData, n_samples: int) -> int:
+    """Draws per chunk: one chunk's dose-by-observation superposition near 4M numbers."""
+    return max(1, min(n_samples, 4_000_000 // max(1, data.cost_per_draw())))
+
+
+def log_weight_sums(model: LatentModel, p: Params, data: ObservationData, proposal: Distribution,
+                    n_samples: int = 2000, seed: int | None = 0, chunk: int | None = None,
+                    progress: bool | None = None, sampler: Callable[[int], torch.Tensor] | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log Σ_k w_ik, log Σ_k w_ik²) per subject, [N] each. ``sampler(k)`` draws k proposals for ``data``'s
+    subjects (default ``proposal.sample((k,))``); it is called inside the seeded block, so a sharded run can
+    draw for all subjects and keep its own rows (:mod:`nlmefit.parallel`)."""
     if n_samples < 2:
         raise ValueError(f"n_samples must be at least 2, got {n_samples}")
     n = data.n_subjects
@@ -104,8 +122,9 @@ def importance_loglik(model: LatentModel, p: Params, data: ObservationData, prop
                          f"{list(proposal.batch_shape)} and {list(proposal.event_shape)}")
     p = p.detach()
     dev = data.y.device
-    if chunk is None:  # keep one chunk's dose-by-observation superposition near 4M numbers
-        chunk = max(1, min(n_samples, 4_000_000 // max(1, data.cost_per_draw())))
+    if chunk is None:
+        chunk = default_chunk(data, n_samples)
+    draw = sampler if sampler is not None else (lambda k: proposal.sample((k,)))
     lse_w = torch.full((n,), -math.inf, dtype=data.y.dtype, device=dev)
     lse_w2 = lse_w.clone()
     done = 0
@@ -113,20 +132,28 @@ def importance_loglik(model: LatentModel, p: Params, data: ObservationData, prop
     with torch.no_grad(), seeded(seed if seed is not None else int(torch.seed() % 2 ** 63), dev), bar:
         while done < n_samples:
             k = min(chunk, n_samples - done)
-            eta = proposal.sample((k,)).to(data.y.dtype)
+            eta = draw(k).to(data.y.dtype)
             lw = model.log_lik(p, eta, data) + model.log_prior(p, eta, data.n_occ) - proposal.log_prob(eta)
             lw = torch.where(torch.isnan(lw), torch.full_like(lw, -math.inf), lw)
             lse_w = torch.logaddexp(lse_w, torch.logsumexp(lw, 0))
             lse_w2 = torch.logaddexp(lse_w2, torch.logsumexp(2 * lw, 0))
             done += k
             bar.update(k)  # host-side count only: the chunks stay asynchronous on a GPU
+    return lse_w, lse_w2
+
+
+def weights_estimate(ids: np.ndarray, lse_w: torch.Tensor, lse_w2: torch.Tensor, n_samples: int, kind: str,
+                     n_uncensored: int, min_ess: float = 50.0) -> LoglikEstimate:
+    """The estimate (log p̂_i, its SE and ESS) from the per-subject log-sums of w and w²; raises when a subject
+    has no draw with a finite likelihood, warns when ESS is low."""
+    n = len(ids)
     K = float(n_samples)
     loglik_i = lse_w - math.log(K)
     ratio = torch.exp(lse_w2 - 2 * lse_w)  # Σw²/(Σw)² = 1/ESS
     ess = 1.0 / ratio
     se = torch.sqrt(torch.clamp(K * ratio - 1.0, min=0.0) / K)
-    out = LoglikEstimate(data.ids, loglik_i.cpu().numpy(), se.cpu().numpy(), ess.cpu().numpy(),
-                         n_samples, getattr(proposal, "kind", type(proposal).__name__), data.n_uncensored)
+    out = LoglikEstimate(ids, loglik_i.cpu().numpy(), se.cpu().numpy(), ess.cpu().numpy(), n_samples, kind,
+                         n_uncensored)
     if not np.all(np.isfinite(out.loglik_i)):
         i = int(np.flatnonzero(~np.isfinite(out.loglik_i))[0])
         raise EstimationError(f"importance sampling: no draw with a finite likelihood for ID {out.ids[i]}")
@@ -135,5 +162,5 @@ def importance_loglik(model: LatentModel, p: Params, data: ObservationData, prop
         warnings.warn(f"importance sampling: effective sample size below {min(min_ess, 0.5 * n_samples):g} for "
                       f"{int(low.sum())} of {n} subjects (lowest {out.ess_i.min():.1f}, ID "
                       f"{out.ids[int(np.argmin(out.ess_i))]}); the −2LL and its SE may be unreliable — use "
-                      f"more samples or another proposal", stacklevel=2)
+                      f"more samples or another proposal", stacklevel=3)
     return out
