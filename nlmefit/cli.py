@@ -65,6 +65,15 @@ def seed_int(text: str) -> int:
     return v
 
 
+def memory_size(text: str) -> int:
+    from nlmefit.memory import parse_memory  # local: argument parsing only
+
+    try:
+        return int(parse_memory(text))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def finite_float(text: str) -> float:
     try:
         v = float(str(text).strip())
@@ -747,6 +756,10 @@ def cmd_fit(args) -> int:
         options["covariance"] = stream_options["covariance"]  # $COVARIANCE (or none) in the control stream
     if args.method == "saem":
         options.update({k: v for k, v in stream_options.items() if k in ("n_explore", "n_smooth")})
+    if args.max_memory is not None:
+        if args.method not in CLASSICAL:
+            raise ModelSpecError(f"--max-memory applies to --method {'/'.join(CLASSICAL)} (not {args.method})")
+        options["max_memory"] = args.max_memory
     for key in ("n_explore", "n_smooth"):
         if getattr(args, key) is not None:
             if args.method != "saem":
@@ -1023,6 +1036,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="estimation method (default focei; a control stream's $ESTIMATION)")
     f.add_argument("--maxiter", type=nonneg_int, default=None,
                    help="maximum optimiser iterations (classical methods; 0 evaluates at the initial values)")
+    f.add_argument("--max-memory", type=memory_size, default=None, metavar="SIZE",
+                   help="memory budget for one chunk of subjects, e.g. 2GB (classical methods; default: a "
+                        "sixteenth of the machine's memory per rank, at most 2GB)")
     f.add_argument("--n-explore", type=positive_int, default=None,
                    help="SAEM: exploration iterations, step size 1 (default 150; Monolix K1)")
     f.add_argument("--n-smooth", type=positive_int, default=None,

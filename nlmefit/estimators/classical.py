@@ -3,7 +3,9 @@
 Quasi-Newton (L-BFGS-B) in float64 on the unconstrained vector of :class:`~nlmefit.models.ParameterSet`, with
 exact gradients by autograd through the approximate −2 log L (η̂ enters by the implicit-function step of
 :mod:`nlmefit.marginal.approximations`). The modes are warm-started across evaluations. The objective is a sum over
-subject shards (``shard_size``), so memory per evaluation is bounded by the shard, not by N.
+chunks of subjects (``shard_size`` subjects, or as many as the ``max_memory`` budget allows:
+:mod:`nlmefit.memory`) with gradients accumulated chunk by chunk, so memory per evaluation is bounded by the
+chunk, not by N.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import numpy as np
 import scipy.optimize
 import torch
 
-from nlmefit import parallel
+from nlmefit import memory, parallel
 from nlmefit.errors import EstimationError, ModelSpecError
 from nlmefit.estimators.base import Estimator, check_covariance
 from nlmefit.estimators.multistart import perturbed_starts, replica_minimize
@@ -43,6 +45,7 @@ class ClassicalEstimator(Estimator):
         inner_tol: float = 1e-9,
         covariance: str | None = "sandwich",
         shard_size: int | None = None,
+        max_memory: int | float | str | None = None,
         device: str | torch.device | None = None,
         progress: ProgressArg = None,
         threads: int | str | None = None,
@@ -61,7 +64,14 @@ class ClassicalEstimator(Estimator):
         self.gtol = gtol
         self.inner_tol = inner_tol
         self.covariance = check_covariance(covariance)
+        if shard_size is not None and int(shard_size) < 1:
+            raise ModelSpecError(f"shard_size must be a positive number of subjects, got {shard_size}")
+        try:
+            memory.parse_memory(max_memory)
+        except ValueError as err:
+            raise ModelSpecError(str(err)) from None
         self.shard_size = shard_size
+        self.max_memory = max_memory
         self.device = device
         self.threads = check_threads(threads)
         self._progress = progress
@@ -77,9 +87,19 @@ class ClassicalEstimator(Estimator):
         """This estimator's own objective as a strategy: its modes and per-subject −2 log L."""
         return Conditional(self.method_key, self.inner_tol)
 
-    def _shards(self, n: int):
-        size = self.shard_size or n
-        return [slice(s, min(s + size, n)) for s in range(0, n, size)]
+    def chunk_size(self, data: ObservationData) -> int:
+        """Subjects per chunk: ``shard_size``, else as many as ``max_memory`` allows (:mod:`nlmefit.memory`)."""
+        return int(self.shard_size) if self.shard_size else memory.subjects_per_chunk(data, self.max_memory)
+
+    def _shards(self, data: ObservationData):
+        return memory.subject_slices(data.n_subjects, self.chunk_size(data))
+
+    def modes(self, model: LatentModel, p: Params, data: ObservationData, eta: torch.Tensor,
+              lin: Linearisation | None = None, shard: parallel.Shard | None = None) -> torch.Tensor:
+        """The conditional modes of all subjects, chunk by chunk (and rank by rank under ``shard``)."""
+        lin = lin or self.linearisation
+        return memory.map_subjects(lambda d, e: (lin.modes(model, p, d, e),), data, eta, self.chunk_size(data),
+                                   shard)[0]
 
     def evaluate(self, model: LatentModel, p: Params, data: ObservationData, eta: torch.Tensor, backward_to=None,
                  lin: Linearisation | None = None):
@@ -87,13 +107,16 @@ class ClassicalEstimator(Estimator):
         lin = lin or self.linearisation
         total = 0.0
         new_eta = torch.empty_like(eta)
-        for sl in self._shards(data.n_subjects):
+        shards = self._shards(data)
+        for sl in shards:
             d = data.index(sl)
             e = lin.modes(model, p, d, eta[sl])
             new_eta[sl] = e
             m2 = lin.subject_m2ll(model, p, d, e).sum()
             if backward_to is not None and m2.requires_grad and torch.isfinite(m2):
-                m2.backward(retain_graph=False)
+                # the small graph from the unconstrained vector to p is shared by the shards: keep it; each
+                # shard's own graph is freed with its m2
+                m2.backward(retain_graph=len(shards) > 1)
             total += float(m2.detach())
         return total, new_eta
 
@@ -206,13 +229,9 @@ class ClassicalEstimator(Estimator):
         report.close()  # the bar ends with the minimisation; the covariance step's warnings print below it
         with torch.no_grad():
             p_hat = pset.from_unconstrained(torch.tensor(u_hat, dtype=torch.float64, device=dev))
-        if shard is None:
-            eta_hat = lin.modes(model, p_hat, mdata, state["eta"])
-        else:  # each rank its own subjects' modes, then every rank all of them (the result is the same everywhere)
-            full = torch.zeros(mdata.n_subjects, mdata.q, dtype=torch.float64, device=dev)
-            if ldata.n_subjects:
-                full[mine] = lin.modes(model, p_hat, ldata, state["eta"]).detach()
-            eta_hat = shard.allreduce_sum(full)
+        # each rank its own subjects' modes, chunk by chunk, then every rank all of them (the same everywhere)
+        eta0 = state["eta"] if shard is None else shard.gather_rows(state["eta"], mine, mdata.n_subjects)
+        eta_hat = self.modes(model, p_hat, mdata, eta0, lin, shard)
         return build_result(self, model, mdata, p_hat, eta_hat, linearisation=lin, n_iter=n_iter,
                             converged=converged, messages=messages, elapsed=time.perf_counter() - t0, seed=seed,
                             check_moved=self.maxiter > 0)

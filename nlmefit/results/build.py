@@ -16,14 +16,17 @@ import pandas as pd
 import scipy
 import torch
 
+from nlmefit import parallel
 from nlmefit._version import __version__
 from nlmefit.errors import EstimationError, ModelSpecError
 from nlmefit.marginal.approximations import LOG_2PI
 from nlmefit.marginal.importance import LoglikEstimate
 from nlmefit.marginal.laplace import laplace_posterior
 from nlmefit.marginal.linearisation import Linearisation
+from nlmefit.memory import map_subjects, subjects_per_chunk
 from nlmefit.models.initial import initial_record
 from nlmefit.models.protocol import HasIndividualParameters, Linearisable
+from nlmefit.posteriors import GaussianPosterior
 from nlmefit.results.checks import ofv_gradient, plausibility_warnings
 from nlmefit.results.covariance import covariance_step
 from nlmefit.results.fit_result import FitResult
@@ -109,12 +112,21 @@ def _covariance(lin: Linearisation, model, data, p_hat, eta_hat, kind: str | Non
     return pd.DataFrame(cs.cov, index=cs.names, columns=cs.names), cs.ok, prefix + cs.message, cs.condition_number
 
 
-def _default_posterior(model, p_hat, data, eta_hat):
-    """The Laplace posterior at the estimates (None where the curvature is not positive definite)."""
-    try:
-        return laplace_posterior(model, p_hat, data, eta0=eta_hat.detach())
-    except (EstimationError, torch.linalg.LinAlgError, RuntimeError):
+def _default_posterior(model, p_hat, data, eta_hat, size: int | None = None, shard=None):
+    """The Laplace posterior at the estimates (None where the curvature is not positive definite), ``size``
+    subjects at a time (rank by rank under ``shard``)."""
+    def chunk(d, e):
+        try:
+            post = laplace_posterior(model, p_hat, d, eta0=e.detach())
+            return post.loc, post.scale_tril
+        except (EstimationError, torch.linalg.LinAlgError, RuntimeError):  # NaN marks the failure for all ranks
+            nan = torch.full((d.n_subjects, d.q), float("nan"), dtype=e.dtype, device=e.device)
+            return nan, torch.diag_embed(nan)
+
+    loc, tril = map_subjects(chunk, data, eta_hat, size, shard)
+    if not bool(torch.isfinite(loc).all()):
         return None
+    return GaussianPosterior(loc, tril, kind="laplace")
 
 
 def _shrinkage(model, p_hat, data, eta_hat, preds):
@@ -187,6 +199,9 @@ def build_result(estimator, model, data, p_hat, eta_hat, *, linearisation: Linea
     the data carried no information about them or the optimiser never left the start."""
     pset = model.parameters
     messages = list(messages)
+    # per-subject work in memory-sized chunks, and rank by rank in a sharded run (:mod:`nlmefit.memory`)
+    size = estimator.chunk_size(data) if hasattr(estimator, "chunk_size") else subjects_per_chunk(data)
+    shard = parallel.current() if data.n_subjects > 1 else None
     stuck = unmoved_parameters(pset, p_hat) if check_moved else None
     if stuck:
         msg = (f"{estimator.name}: no free parameter moved from its initial value (relative change < "
@@ -204,19 +219,21 @@ def build_result(estimator, model, data, p_hat, eta_hat, *, linearisation: Linea
         likelihoods[likelihood.method] = likelihood.summary()
     else:
         with torch.enable_grad():
-            m2ll = float(linearisation.subject_m2ll(model, p_hat, data, eta_hat).detach().sum())
+            (m2_i,) = map_subjects(lambda d, e: (linearisation.subject_m2ll(model, p_hat, d, e),), data, eta_hat,
+                                   size, shard)
+            m2ll = float(m2_i.sum())
     cov_df, cov_ok, cov_msg, cond = _covariance(linearisation, model, data, p_hat, eta_hat,
                                                 estimator.covariance, covariance_prefix)
     preds = None
     if isinstance(model, Linearisable) and hasattr(model, "error") and hasattr(data, "events"):
-        preds = prediction_table(model, p_hat, data, eta_hat)
+        preds = prediction_table(model, p_hat, data, eta_hat, size, shard)
     if posterior is None:
-        posterior = _default_posterior(model, p_hat, data, eta_hat)
+        posterior = _default_posterior(model, p_hat, data, eta_hat, size, shard)
     eta_shr, eps_shr = _shrinkage(model, p_hat, data, eta_hat, preds)
     gradient = None
     if likelihood is None and check_moved and converged:  # the objective is the OFV: its gradient must vanish
         try:
-            gradient = ofv_gradient(linearisation, model, data, p_hat, eta_hat)
+            gradient = ofv_gradient(linearisation, model, data, p_hat, eta_hat, size, shard)
         except (RuntimeError, ValueError, EstimationError) as err:  # a diagnostic: say it, never fail the fit
             messages.append(f"the OFV gradient at the estimates could not be evaluated ({err})")
     fit_warnings = plausibility_warnings(pset, pd.Series(pset.natural_dict(p_hat), dtype=float),

@@ -29,6 +29,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from nlmefit.memory import subject_slices
+
 __all__ = ["THRESHOLDS", "plausibility_warnings", "ofv_gradient"]
 
 #: default thresholds (see the module docstring)
@@ -91,16 +93,30 @@ def _others(big: Mapping[str, float], top: str) -> str:
     return f" and {len(rest)} more ({', '.join(rest)})" if rest else ""
 
 
-def ofv_gradient(linearisation, model, data, p_hat, eta_hat) -> dict[str, float]:
+def ofv_gradient(linearisation, model, data, p_hat, eta_hat, size: int | None = None,
+                 shard=None) -> dict[str, float]:
     """∂OFV/∂ log x (x > 0 by its bounds or a variance) or ∂OFV/∂x, by free natural parameter name, of the
     objective ``linearisation`` defines, at ``p_hat`` with the modes started at ``eta_hat`` (their implicit
-    derivative included, as in the estimator's own gradient). One objective evaluation and one backward pass."""
+    derivative included, as in the estimator's own gradient). One objective evaluation and one backward pass per
+    chunk of ``size`` subjects; under ``shard`` each rank its own subjects, the gradient all-reduced."""
     pset = model.parameters
     x = pset.to_natural_vector(p_hat).detach().clone().requires_grad_(True)
-    with torch.enable_grad():
-        m2 = linearisation.subject_m2ll(model, pset.from_natural_vector(x), data, eta_hat.detach()).sum()
-        (g,) = torch.autograd.grad(m2, x, allow_unused=True)
-    if g is None:
+    rows = None if shard is None else shard.rows(data)
+    local = data if rows is None else data.index(rows)
+    leta = (eta_hat if rows is None else eta_hat[rows]).detach()
+    g = torch.zeros_like(x)
+    used = False
+    for sl in subject_slices(local.n_subjects, size) if local.n_subjects else []:  # memory-sized chunks
+        with torch.enable_grad():
+            d = local if sl == slice(0, local.n_subjects) else local.index(sl)
+            m2 = linearisation.subject_m2ll(model, pset.from_natural_vector(x), d, leta[sl]).sum()
+            (gk,) = torch.autograd.grad(m2, x, allow_unused=True)
+        if gk is not None:
+            g, used = g + gk, True
+    if shard is not None:
+        tot = shard.allreduce_sum(torch.cat([g, torch.tensor([float(used)], dtype=g.dtype, device=g.device)]))
+        g, used = tot[:-1], bool(tot[-1] > 0)
+    if not used:
         return {}
     names = pset.natural_names
     lower = {k: p.lower for k, p in pset.theta.items()} | {f"sigma_{k}": p.lower for k, p in pset.sigma.items()}

@@ -13,8 +13,9 @@ import pandas as pd
 import torch
 
 from nlmefit.marginal.autodiff import jacobian_sep
+from nlmefit.memory import map_subjects
 
-__all__ = ["prediction_table"]
+__all__ = ["prediction_table", "prediction_tensors"]
 
 
 def _inv_sqrt_times(C: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
@@ -45,21 +46,14 @@ def _weighted(model, p, data, f, var, G, eta) -> torch.Tensor:
     return torch.where(m, out, torch.full_like(out, float("nan")))
 
 
-def prediction_table(model, p, data, eta_hat) -> pd.DataFrame:
-    """One row per observation, keyed by the user's original row index (ROW)."""
+def prediction_table(model, p, data, eta_hat, size: int | None = None, shard=None) -> pd.DataFrame:
+    """One row per observation, keyed by the user's original row index (ROW). The per-subject linearisations run
+    ``size`` subjects at a time (and rank by rank under ``shard``: :func:`nlmefit.memory.map_subjects`)."""
     with torch.no_grad():
         pd_ = p.detach()
-    zero = torch.zeros_like(eta_hat)
-    f0, v0, G0 = _linearised(model, pd_, data, zero)
-    fi, vi, Gi = _linearised(model, pd_, data, eta_hat)
-    wres = _weighted(model, pd_, data, f0, v0, G0, zero)
-    cwres = _weighted(model, pd_, data, fi, vi, Gi, eta_hat)
+    (cols,) = map_subjects(lambda d, e: (prediction_tensors(model, pd_, d, e),), data, eta_hat, size, shard)
+    f0, fi, res, ires, wres, cwres, iwres = cols.unbind(-1)
     m = data.mask
-    unc = m & (data.cens == 0)
-    nan = torch.full_like(fi, float("nan"))
-    iwres = torch.where(unc, (data.y - fi) / torch.sqrt(vi), nan)
-    res = torch.where(unc, data.y - f0, nan)
-    ires = torch.where(unc, data.y - fi, nan)
     panel = data.panel
     mk = m.cpu().numpy()
     ids = np.broadcast_to(np.asarray(panel.ids)[:, None], mk.shape)
@@ -83,3 +77,18 @@ def prediction_table(model, p, data, eta_hat) -> pd.DataFrame:
         "CENS": data.cens.cpu().numpy()[mk],
     })
     return table.sort_values("ROW", kind="stable").reset_index(drop=True)
+
+
+def prediction_tensors(model, p, data, eta_hat) -> torch.Tensor:
+    """[N, J, 7]: PRED, IPRED (likelihood scale), RES, IRES, WRES, CWRES, IWRES of ``data``'s subjects."""
+    zero = torch.zeros_like(eta_hat)
+    f0, v0, G0 = _linearised(model, p, data, zero)
+    fi, vi, Gi = _linearised(model, p, data, eta_hat)
+    wres = _weighted(model, p, data, f0, v0, G0, zero)
+    cwres = _weighted(model, p, data, fi, vi, Gi, eta_hat)
+    unc = data.mask & (data.cens == 0)
+    nan = torch.full_like(fi, float("nan"))
+    iwres = torch.where(unc, (data.y - fi) / torch.sqrt(vi), nan)
+    res = torch.where(unc, data.y - f0, nan)
+    ires = torch.where(unc, data.y - fi, nan)
+    return torch.stack([f0, fi, res, ires, wres, cwres, iwres], -1)
