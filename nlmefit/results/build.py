@@ -93,13 +93,14 @@ def individual_table(model, p, data, eta_hat, posterior=None) -> pd.DataFrame:
     return pd.DataFrame(cols)
 
 
-def _covariance(lin: Linearisation, model, data, p_hat, eta_hat, kind: str | None, prefix: str):
+def _covariance(lin: Linearisation, model, data, p_hat, eta_hat, kind: str | None, prefix: str,
+                size: int | None = None, shard=None):
     """(cov DataFrame | None, ok, message, condition number)."""
     if not kind or not model.parameters.n_free:
         return None, False, "not requested", None
     try:
         lin.check(model)
-        cs = covariance_step(lin, model, data, p_hat, eta_hat, kind=kind)
+        cs = covariance_step(lin, model, data, p_hat, eta_hat, kind=kind, size=size, shard=shard)
     except ModelSpecError as err:
         return None, False, f"{prefix}not run: {err}", None
     except (torch.linalg.LinAlgError, RuntimeError) as err:
@@ -223,7 +224,7 @@ def build_result(estimator, model, data, p_hat, eta_hat, *, linearisation: Linea
                                    size, shard)
             m2ll = float(m2_i.sum())
     cov_df, cov_ok, cov_msg, cond = _covariance(linearisation, model, data, p_hat, eta_hat,
-                                                estimator.covariance, covariance_prefix)
+                                                estimator.covariance, covariance_prefix, size, shard)
     preds = None
     if isinstance(model, Linearisable) and hasattr(model, "error") and hasattr(data, "events"):
         preds = prediction_table(model, p_hat, data, eta_hat, size, shard)

@@ -3,6 +3,8 @@
 R is the Hessian of OFV/2 in the free natural parameters (θ, Ω variances/covariances, σ SDs), by central
 differences of the exact gradient (each gradient re-solves the conditional modes); S = Σ_i g_i g_iᵀ of the
 per-subject gradients of OFV_i/2, all N of them from one backward pass through per-subject parameter copies.
+Both are sums over subjects: they are accumulated over memory-sized chunks of subjects (``size``) and, in a
+sharded run, over the ranks (each rank its own subjects, then one all-reduce).
 If R is not positive definite the step fails honestly: no SEs, ``ok=False`` and a message — never a patched
 matrix.
 """
@@ -12,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from nlmefit.memory import subject_slices
 
 __all__ = ["CovarianceStep", "covariance_step"]
 
@@ -47,33 +51,27 @@ class CovarianceStep:
 
 
 def covariance_step(linearisation, model, data, p_hat, eta_hat, kind: str = "sandwich",
-                    rel_step: float = 1e-4) -> CovarianceStep:
+                    rel_step: float = 1e-4, size: int | None = None, shard=None) -> CovarianceStep:
     """R, S and the requested covariance of the free natural parameters, for the approximation
-    ``linearisation`` (a :class:`~nlmefit.marginal.linearisation.Linearisation`) at ``p_hat``."""
+    ``linearisation`` (a :class:`~nlmefit.marginal.linearisation.Linearisation`) at ``p_hat``; ``size``
+    subjects at a time, and rank by rank under ``shard`` (:mod:`nlmefit.parallel`; a collective)."""
     pset = model.parameters
     names = pset.natural_names
     x0 = pset.to_natural_vector(p_hat).detach()
     n_par = x0.numel()
-    state = {"eta": eta_hat}
-
-    def grad_at(x: torch.Tensor) -> np.ndarray:
-        xt = x.clone().requires_grad_(True)
-        p = pset.from_natural_vector(xt)
-        eta = linearisation.modes(model, p, data, state["eta"])
-        m2 = linearisation.subject_m2ll(model, p, data, eta).sum() / 2
-        (g,) = torch.autograd.grad(m2, xt)
-        return g.detach().cpu().numpy()
-
     steps = np.array([rel_step * max(abs(float(v)), 1e-2) for v in x0.tolist()])
-    R = _hessian_batched(grad_at, model, linearisation, data, x0, eta_hat, steps)
+    rows = None if shard is None else shard.rows(data)
+    local = data if rows is None else data.index(rows)
+    leta = eta_hat if rows is None else eta_hat[rows]
+    R, S = np.zeros((n_par, n_par)), np.zeros((n_par, n_par))
+    for sl in subject_slices(local.n_subjects, size) if local.n_subjects else []:  # memory-sized chunks
+        d = local if sl == slice(0, local.n_subjects) else local.index(sl)
+        R_k, S_k = _r_and_s(linearisation, model, d, x0, leta[sl], steps)
+        R, S = R + R_k, S + S_k
+    if shard is not None:
+        tot = shard.allreduce_sum(torch.as_tensor(np.stack([R, S]), dtype=torch.float64)).numpy()
+        R, S = tot[0], tot[1]
     R = 0.5 * (R + R.T)
-    # per-subject gradients: one copy of the parameters per subject
-    X = x0.expand(data.n_subjects, n_par).clone().requires_grad_(True)
-    p_rep = pset.from_natural_vector(X)
-    m2 = linearisation.subject_m2ll(model, p_rep, data, eta_hat) / 2
-    (G,) = torch.autograd.grad(m2.sum(), X)
-    G = G.detach().cpu().numpy()
-    S = G.T @ G
     ok, msg, cov = True, "covariance step successful", None
     try:
         np.linalg.cholesky(R)
@@ -93,6 +91,29 @@ def covariance_step(linearisation, model, data, p_hat, eta_hat, kind: str = "san
     else:
         cov = Rinv @ S @ Rinv
     return CovarianceStep(names, R, S, cov, kind, ok, msg)
+
+
+def _r_and_s(linearisation, model, data, x0: torch.Tensor, eta_hat: torch.Tensor, steps: np.ndarray
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """``data``'s terms of R (unsymmetrised) and S."""
+    pset = model.parameters
+
+    def grad_at(x: torch.Tensor) -> np.ndarray:
+        xt = x.clone().requires_grad_(True)
+        p = pset.from_natural_vector(xt)
+        eta = linearisation.modes(model, p, data, eta_hat)
+        m2 = linearisation.subject_m2ll(model, p, data, eta).sum() / 2
+        (g,) = torch.autograd.grad(m2, xt)
+        return g.detach().cpu().numpy()
+
+    R = _hessian_batched(grad_at, model, linearisation, data, x0, eta_hat, steps)
+    # per-subject gradients: one copy of the parameters per subject
+    X = x0.expand(data.n_subjects, x0.numel()).clone().requires_grad_(True)
+    p_rep = pset.from_natural_vector(X)
+    m2 = linearisation.subject_m2ll(model, p_rep, data, eta_hat) / 2
+    (G,) = torch.autograd.grad(m2.sum(), X)
+    G = G.detach().cpu().numpy()
+    return R, G.T @ G
 
 
 _MAX_VIRTUAL = 50_000  # virtual subjects (replicas × N) per batched gradient evaluation
