@@ -521,14 +521,41 @@ def cmd_simulate(args) -> int:
             raise CliError(f"--{flag} applies to regimen simulation (--fit RESULT_DIR --regimen ...)")
     from nlmefit.simulation import simulate
 
-    check_out_file(args.out)
+    # --out is one CSV file, as always, unless --chunk-size, --format or --workers (ranks) ask for part files
+    ranks = (args.workers or 1) > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    streamed = args.chunk_size is not None or args.format is not None or ranks
+    if streamed:
+        if args.out.lower().endswith((".csv", ".parquet")) and not Path(args.out).is_dir():
+            raise CliError(f"--out {args.out}: --chunk-size/--format/--workers write part files into a folder; "
+                           f"give a folder name (not a .csv/.parquet file)")
+        check_out_dir(args.out)
+    else:
+        check_out_file(args.out)
+    fmt = args.format or "csv"
+    if fmt == "parquet":
+        from nlmefit.simulation.stream import check_format
+
+        check_format(fmt)  # before any work: parquet needs pyarrow
+    shard = _join_ranks(args) if streamed else None  # under torchrun or --workers: one rank of several
     df, _ = _read_data(args.data, args.sep, args.where)
     cols = _column_map(df, args.col)
     model = _load_model(args.model, args.error, args.dvid)
     params = _params_arg(args, model)
     data = _panel(df, cols, True, require_dv=False) if (cols or args.sort) else df
     residual = True if args.residual is None else args.residual
-    out = simulate(model, params, data, n=args.n, seed=args.seed, residual=residual, progress=_progress(args))
+    progress = _progress(args) if shard is None or shard.rank == 0 else False
+    if streamed:
+        res = simulate(model, params, data, n=args.n, seed=args.seed, residual=residual, progress=progress,
+                       out=args.out, chunk_size=args.chunk_size, format=fmt)
+        if shard is not None:  # leave the group before exit: a gloo rank that exits inside it can abort
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+        if shard is None or shard.rank == 0:
+            print(f"wrote {res.n_rows} rows ({args.n} replicate(s)) in {res.n_chunks} part file(s) of at most "
+                  f"{res.chunk_size} subjects to {args.out} (manifest.json lists them; seed {res.seed})")
+        return 0
+    out = simulate(model, params, data, n=args.n, seed=args.seed, residual=residual, progress=progress)
     _atomic_csv(out, args.out)
     print(f"wrote {len(out)} rows ({args.n} replicate(s)) to {args.out}")
     return 0
@@ -646,6 +673,11 @@ def _simulate_regimens(args) -> int:
         if getattr(args, flag, None):
             raise CliError(f"--{flag} does not apply to --fit (the fit's own data and model are used)")
     out = check_out_dir(args.out)
+    if args.format == "parquet":
+        from nlmefit.simulation.stream import check_format
+
+        check_format(args.format)  # before any work: parquet needs pyarrow
+    shard = _join_ranks(args)  # under torchrun or --workers: this process is one rank of several
     fit = _load_fit(args.fit)
     subjects = None
     if args.subjects is not None:
@@ -666,7 +698,16 @@ def _simulate_regimens(args) -> int:
     sim = nlmefit.simulate_regimens(fit, args.regimen, population=args.population, subjects=subjects,
                                     n_draws=args.n_draws, residual=residual,
                                     steady_state=args.steady_state, threshold=args.threshold, seed=args.seed,
-                                    posterior=args.posterior, weight_col=args.weight_col, progress=_progress(args))
+                                    posterior=args.posterior, weight_col=args.weight_col,
+                                    progress=_progress(args) if shard is None or shard.rank == 0 else False,
+                                    chunk_size=args.chunk_size, format=args.format or "csv",
+                                    out=out if (args.chunk_size is not None or args.format is not None) else None)
+    if shard is not None:  # leave the group before exit: a gloo rank that exits inside it can abort
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+        if shard.rank != 0:  # only rank 0 prints and writes the summaries
+            return 0
     out.mkdir(parents=True, exist_ok=True)
     _atomic_csv(sim.quantiles(), str(out / "profile_quantiles.csv"))
     _atomic_csv(sim.exposures, str(out / "exposures.csv"))
@@ -682,6 +723,8 @@ def _simulate_regimens(args) -> int:
         written += ["pta.csv", "pta.png"]
         print(tab.to_string(index=False))
     print(sim.summary().T.to_string(float_format=lambda v: f"{v:.4g}"))
+    if args.chunk_size is not None or args.format is not None:
+        written.append("profiles-part-*.{} and manifest.json".format(args.format or "csv"))
     print(f"\nwrote {', '.join(written)} to {out} ({'with' if residual else 'without'} residual error)")
     return 0
 
@@ -986,7 +1029,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add residual error (default: yes for replicates, no for --fit regimens)")
     s.add_argument("--no-residual", dest="residual", action="store_const", const=False,
                    help="no residual error")
-    s.add_argument("--out", required=True, type=nonempty, help="output CSV (replicates) or folder (--fit)")
+    s.add_argument("--out", required=True, type=nonempty,
+                   help="replicates: one output CSV file, or with --chunk-size/--format/--workers a folder of part "
+                        "files (part-00000.csv ..., manifest.json); --fit: the output folder")
+    s.add_argument("--chunk-size", type=positive_int, default=None, metavar="N",
+                   help="simulate N subjects per chunk and stream each chunk to its own part file in the --out "
+                        "folder (replicates: part-XXXXX.csv; --fit: profiles-part-XXXXX.csv too); default for "
+                        "--workers: about 4 million values per chunk (docs/scaling.md)")
+    s.add_argument("--format", choices=["csv", "parquet"], default=None,
+                   help="format of the part files (default csv; parquet needs pyarrow); implies part files")
+    s.add_argument("--workers", type=positive_int, default=None, metavar="K",
+                   help="K local ranks (torch.distributed, gloo over loopback): chunks of subjects sharded, "
+                        "exposures all-reduced (see docs/scaling.md; torchrun works too)")
     s.add_argument("--fit", default=None, metavar="RESULT_DIR", help="simulate regimens from this fit")
     s.add_argument("--regimen", action="append", type=regimen_text,
                    help='a regimen, e.g. "1000 mg loading then 500 mg q12h x14, infusion 1h" (repeatable; '

@@ -4,6 +4,7 @@ from nlmefit.simulation.exposure import pta
 from nlmefit.simulation.plots import plot_exposure_distributions, plot_profile_bands, plot_pta
 from nlmefit.simulation.regimen import Regimen
 from nlmefit.simulation.simulate import design_frame, resolve_params, simulate
+from nlmefit.simulation.stream import StreamedSimulation
 
 __all__ = ["simulate", "design_frame", "resolve_params", "Regimen", "simulate_regimens", "RegimenSimulation",
-           "pta", "plot_profile_bands", "plot_exposure_distributions", "plot_pta"]
+           "pta", "plot_profile_bands", "plot_exposure_distributions", "plot_pta", "StreamedSimulation"]

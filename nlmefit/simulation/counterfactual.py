@@ -30,6 +30,7 @@ covariates only (a counterfactual subject carries no observed covariate history)
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -37,6 +38,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from nlmefit import parallel
 from nlmefit._html import object_html
 from nlmefit.errors import ModelSpecError
 from nlmefit.marginal.laplace import laplace_posterior
@@ -45,13 +47,13 @@ from nlmefit.models.parameters import Params
 from nlmefit.models.structure import ClosedForm
 from nlmefit.pk.trains import DoseTrain
 from nlmefit.posteriors.rng import seeded
-from nlmefit.progress import progress_bar
 from nlmefit.simulation.concentrations import broadcasts, copies, template
-from nlmefit.simulation.exposure import auc24_window, exposure_table, pta, window_label
+from nlmefit.simulation.exposure import auc24_window, pta, window_label
 from nlmefit.simulation.plots import plot_exposure_distributions, plot_profile_bands
 from nlmefit.simulation.population import SimulatedPopulation
 from nlmefit.simulation.regimen import Regimen
 from nlmefit.simulation.simulate import resolve_params
+from nlmefit.simulation.stream import regimen_chunks, shared_seed
 
 __all__ = ["RegimenSimulation", "simulate_regimens", "as_regimen"]
 
@@ -236,7 +238,9 @@ def simulate_regimens(fit, regimens, *, population: int | None = None, subjects=
                       interval: str | tuple[float, float] = "last", threshold: float | None = None, fu: float = 1.0,
                       auc: str = "quadrature", weight_col: str = "WT", iv_cmt: int | None = None,
                       seed: int | None = 0, chunk: int = 10000, model: Model | None = None, params=None,
-                      device=None, fast: bool = True, progress: bool | None = None) -> RegimenSimulation:
+                      device=None, fast: bool = True, progress: bool | None = None,
+                      out: str | os.PathLike | None = None, chunk_size: int | None = None,
+                      format: str = "csv") -> RegimenSimulation:
     """Simulate ``regimens`` (Regimen objects or strings) for virtual (``population=N``) or observed
     (``subjects="observed"`` or a list of IDs) subjects of ``fit`` (a FitResult; or pass ``fit=None, model=,
     params=`` for a model without a fit, population mode only).
@@ -251,6 +255,19 @@ def simulate_regimens(fit, regimens, *, population: int | None = None, subjects=
     ``fast``: sum regular bolus/oral dose trains in closed form (:mod:`nlmefit.pk.trains`) when the model is a
     linear closed form; ``False`` forces the general dose-by-dose path (same numbers to ~1e−12).
     ``progress``: a bar over the regimens (None: automatic, :mod:`nlmefit.progress`).
+
+    **Chunks, ranks and streaming** (:mod:`nlmefit.simulation.stream`): with ``chunk_size`` (subjects per chunk),
+    ``out`` (a folder) or under several ranks (:mod:`nlmefit.parallel`), the simulated subjects are processed in
+    chunks (default: about 4 million profile values each), chunk c by rank c % world. Who is simulated (η,
+    covariates, θ draws, posterior draws) is drawn once from ``seed`` on every rank, as in one process; only the
+    residual draws (``residual=True``) are per chunk (chunk 0: the seeded generator; c ≥ 1: ``SeedSequence([seed,
+    c])``). The exposures are summed over the ranks, so ``summary()``, ``pta()`` and ``exposures`` cover all
+    subjects on every rank, and the result is the same on any number of ranks (without residual error it equals the
+    unchunked result). ``profiles`` (hence ``quantiles()`` and the plots) are gathered onto every rank when
+    R·S·T ≤ 2e8 values; beyond that ``out`` is needed and they hold the first ⌊2e8/(R·T)⌋ subjects (a warning says
+    so; the part files hold all). With ``out`` each chunk's profiles are written to
+    ``out/profiles-part-XXXXX.csv`` (REGIMEN, ID, DRAW, TIME, CONC; ``format="parquet"`` needs pyarrow) and rank 0
+    writes ``out/manifest.json``.
     """
     if (population is None) == (subjects is None):
         raise ModelSpecError("give exactly one of population=N (virtual subjects) or subjects='observed' / a list "
@@ -259,6 +276,8 @@ def simulate_regimens(fit, regimens, *, population: int | None = None, subjects=
     regs, labels = _regimens_and_labels(regimens)
     data_obs, panel, dev = _fitted_data(fit, device)
     p = _params_on(p, dev)
+    shard = parallel.current()
+    seed = shared_seed(seed, shard)  # the same subjects on every rank
     gen = _generator(dev, seed)
     cov_names = list(panel.covariate_names) if panel is not None else []
     if population is not None:
@@ -268,26 +287,25 @@ def simulate_regimens(fit, regimens, *, population: int | None = None, subjects=
     cov_t, cov_frame = _covariate_tensors(who.cov, cov_names, dev)
     # one template per regimen, S copies, batched predictions in chunks
     grid = _time_grid(regs, times, n_times, interval)
-    profiles, exposures, intervals, windows24 = [], [], [], []
-    bar = progress_bar(len(regs), "regimens", "regimen", enabled=progress, leave=False)
-    for reg, lab in zip(regs, labels):  # a handful of regimens: not a hot loop
-        bar.set_postfix_str(lab[:40], refresh=False)
+    pops, intervals, windows24 = [], [], []
+    for reg in regs:  # a handful of regimens: not a hot loop
         recs = _records(reg, model, steady_state, iv_cmt, weight_col)
-        window = _interval(reg, interval, float(grid[-1]))
-        w24 = auc24_window(reg)
-        pop = SimulatedPopulation(model, who.p, who.eta, cov_t, template(model, recs, grid, cov_names, dev), recs,
-                                  _dose_scale(reg, cov_frame, weight_col, dev),
-                                  _trains(reg, model, steady_state, iv_cmt) if fast else None)
-        profiles.append(pop.concentrations(grid, chunk, residual, gen, allow_negative))
-        ex = exposure_table(pop, window, auc24=w24, threshold=threshold, fu=fu, auc=auc, chunk=chunk)
-        exposures.append(_label_rows(ex, lab, who))
-        intervals.append(window)
-        windows24.append(w24)
-        bar.update(1)
-    bar.close()
-    return RegimenSimulation(regs, labels, grid, np.stack(profiles), who.ids, who.draw, cov_frame,
-                             _parameters_frame(pop), pd.concat(exposures, ignore_index=True), who.mode, residual,
-                             intervals, windows24, allow_negative)
+        intervals.append(_interval(reg, interval, float(grid[-1])))
+        windows24.append(auc24_window(reg))
+        pops.append(SimulatedPopulation(model, who.p, who.eta, cov_t, template(model, recs, grid, cov_names, dev),
+                                        recs, _dose_scale(reg, cov_frame, weight_col, dev),
+                                        _trains(reg, model, steady_state, iv_cmt) if fast else None))
+    if out is None and chunk_size is None and shard is None:
+        chunk_size = len(who.ids)  # one process in memory: one chunk, the seeded stream as it always was
+    profiles, tables = regimen_chunks(pops, labels, grid, intervals, windows24, who.ids, who.draw, gen=gen,
+                                      seed=seed, chunk_size=chunk_size, chunk=chunk, residual=residual,
+                                      allow_negative=allow_negative,
+                                      exposure_options=dict(threshold=threshold, fu=fu, auc=auc), out=out,
+                                      format=format, progress=progress)
+    exposures = [_label_rows(ex, lab, who) for ex, lab in zip(tables, labels)]
+    return RegimenSimulation(regs, labels, grid, profiles, who.ids, who.draw, cov_frame,
+                             _parameters_frame(pops[-1]), pd.concat(exposures, ignore_index=True), who.mode,
+                             residual, intervals, windows24, allow_negative)
 
 
 @dataclass(frozen=True)

@@ -6,10 +6,12 @@ row order included — untouched. A model of one endpoint (``Model(..., dvid=...
 observation rows: other endpoints' rows keep their observed DV (``other_endpoints="keep"``, default) or are
 dropped (``"drop"``); they never receive this model's values. Given a design (``times`` + ``doses`` +
 ``n_subjects``), the records are built first (:func:`design_frame`). All replicates and subjects are drawn in one
-batched tensor program.
+batched tensor program — or, with ``out=`` (a folder), in chunks of subjects streamed to part files, sharded over
+ranks (:mod:`nlmefit.simulation.stream`).
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -21,6 +23,7 @@ from nlmefit.models.model import Model
 from nlmefit.models.parameters import Params
 from nlmefit.panel import Panel
 from nlmefit.progress import progress_bar
+from nlmefit.simulation.stream import StreamedSimulation, simulate_chunks
 
 __all__ = ["simulate", "design_frame", "resolve_params"]
 
@@ -104,14 +107,26 @@ def simulate(
     device=None,
     other_endpoints: str = "keep",
     progress: bool | None = None,
+    out: str | os.PathLike | None = None,
+    chunk_size: int | None = None,
+    format: str = "csv",
     **column_map,
-) -> pd.DataFrame:
+) -> pd.DataFrame | StreamedSimulation:
     """Simulate ``n`` replicates of ``data`` (or of a design) from ``model`` at ``params``.
 
     Returns the records with a ``REP`` column and simulated ``DV`` on the observation rows of the model's endpoint
     (natural scale). Observation rows of other endpoints (another DVID than ``model.dvid``) keep their DV
     (``other_endpoints="keep"``) or are left out (``"drop"``). Reproducible: the same ``seed`` gives the same draws.
     ``progress``: a bar over the replicates' output frames (None: automatic, :mod:`nlmefit.progress`).
+
+    **Streamed** (``out`` a folder): subjects in chunks of ``chunk_size`` (default: about 4 million values per
+    chunk), each chunk's ``n`` replicates of its subjects' records written to ``out/part-00000.csv`` …
+    (``format="parquet"``: ``.parquet``, needs pyarrow) and a ``manifest.json``; returns a
+    :class:`~nlmefit.simulation.stream.StreamedSimulation` (paths, rows, chunks) instead of the DataFrame. Under
+    several ranks (:mod:`nlmefit.parallel`) chunk c is simulated and written by rank c % world. Chunk c draws from
+    its own generator (chunk 0: ``seed``; c ≥ 1: ``SeedSequence([seed, c])``), so the part files are the same
+    whatever the number of ranks, and one chunk reproduces the in-memory result exactly
+    (:mod:`nlmefit.simulation.stream`).
     """
     if other_endpoints not in ("keep", "drop"):
         raise ModelSpecError(f"other_endpoints must be 'keep' (their rows keep the observed DV) or 'drop', "
@@ -129,6 +144,12 @@ def simulate(
     p = Params({k: v.to(mdata.y.device) for k, v in p.theta.items()}, p.omega.to(mdata.y.device),
                {k: v.to(mdata.y.device) for k, v in p.sigma.items()},
                None if p.omega_iov is None else p.omega_iov.to(mdata.y.device))
+    if out is not None:
+        return simulate_chunks(model, p, panel, frame, mdata, n=n, seed=seed, residual=residual,
+                               other_endpoints=other_endpoints, out=out, chunk_size=chunk_size, format=format,
+                               progress=progress)
+    if chunk_size is not None:
+        raise ModelSpecError("chunk_size applies to a streamed simulation: give out= (a folder) too")
     gen = torch.Generator(device=mdata.y.device)
     gen.manual_seed(int(seed) if seed is not None else int(torch.randint(0, 2**62, ()).item()))
     with torch.no_grad():
