@@ -484,7 +484,8 @@ def _atomic_fig(fig, path: Path, dpi: int) -> None:
 
 
 def _retire_old_outputs(out: Path, result) -> list[str]:
-    """Outputs in OUT that described an older fit: diagnostics/ is moved aside, a stale result.pt removed."""
+    """Outputs in OUT that described an older fit: diagnostics/ is moved aside, a stale result.pt or table file
+    (``result.<table>.npz``) removed."""
     notes = []
     diag = out / "diagnostics"
     if diag.exists():
@@ -498,6 +499,13 @@ def _retire_old_outputs(out: Path, result) -> list[str]:
     if not result.weights and pt.exists():
         pt.unlink()
         notes.append("removed result.pt of the previous fit")
+    from nlmefit.results.fit_result import EMBED_ROWS  # local: the CLI imports the package lazily
+
+    for table in ("predictions", "individual_estimates"):  # large tables beside result.json (FitResult.to_json)
+        f, df = out / f"result.{table}.npz", getattr(result, table, None)
+        if f.exists() and (df is None or len(df) <= EMBED_ROWS):
+            f.unlink()
+            notes.append(f"removed {f.name} of the previous fit")
     return notes
 
 
@@ -547,10 +555,8 @@ def cmd_simulate(args) -> int:
     if streamed:
         res = simulate(model, params, data, n=args.n, seed=args.seed, residual=residual, progress=progress,
                        out=args.out, chunk_size=args.chunk_size, format=fmt)
-        if shard is not None:  # leave the group before exit: a gloo rank that exits inside it can abort
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+        if shard is not None:
+            _leave_ranks()
         if shard is None or shard.rank == 0:
             print(f"wrote {res.n_rows} rows ({args.n} replicate(s)) in {res.n_chunks} part file(s) of at most "
                   f"{res.chunk_size} subjects to {args.out} (manifest.json lists them; seed {res.seed})")
@@ -702,10 +708,8 @@ def _simulate_regimens(args) -> int:
                                     progress=_progress(args) if shard is None or shard.rank == 0 else False,
                                     chunk_size=args.chunk_size, format=args.format or "csv",
                                     out=out if (args.chunk_size is not None or args.format is not None) else None)
-    if shard is not None:  # leave the group before exit: a gloo rank that exits inside it can abort
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+    if shard is not None:
+        _leave_ranks()
         if shard.rank != 0:  # only rank 0 prints and writes the summaries
             return 0
     out.mkdir(parents=True, exist_ok=True)
@@ -887,6 +891,13 @@ def _join_ranks(args):
 
     timeout = float(os.environ.get("NLMEFIT_TIMEOUT_S", parallel.DEFAULT_TIMEOUT_S))
     return parallel.init_from_env(timeout=timeout, device=getattr(args, "device", None))
+
+
+def _leave_ranks() -> None:
+    """Leave the process group before this rank exits (a gloo rank that exits inside it can abort)."""
+    from nlmefit import parallel  # local: torch.distributed only when ranks are asked for
+
+    parallel.leave()
 
 
 def _control_stream(args):
@@ -1354,6 +1365,8 @@ def main(argv: list[str] | None = None) -> int:
               f"the traceback)", file=sys.stderr)
         return 1
     finally:
+        if "RANK" in os.environ:  # a rank of torchrun/--workers
+            _leave_ranks()
         warnings.formatwarning = old_format
         if log_level is not None:
             logging.getLogger("nlmefit").setLevel(log_level)

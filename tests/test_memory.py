@@ -45,3 +45,28 @@ def test_a_chunked_fit_is_the_fit_in_one_chunk():
     assert np.allclose(a.to_numpy(float), b.to_numpy(float), rtol=1e-10, atol=1e-12, equal_nan=True)
     assert np.allclose(chunked.posterior.loc, one.posterior.loc, rtol=1e-10, atol=1e-14)
     assert chunked.warnings == one.warnings
+
+
+def test_large_tables_go_beside_the_json_and_come_back(tmp_path, monkeypatch):
+    import json
+
+    from nlmefit.results import fit_result
+
+    res = nlmefit.fit(pheno_real(), nlmefit.datasets.load("pheno"), covariance=None)
+    monkeypatch.setattr(fit_result, "EMBED_ROWS", 50)  # pheno: 155 predictions, 59 subjects: both go beside
+    path = tmp_path / "result.json"
+    res.to_json(path)
+    d = json.loads(path.read_text())
+    assert d["predictions"] == {"file": "result.predictions.npz", "columns": list(res.predictions.columns),
+                                "rows": len(res.predictions)}
+    back = nlmefit.FitResult.from_json(path, model=pheno_real())
+    assert back.predictions.equals(res.predictions) and back.individual_estimates.equals(res.individual_estimates)
+    d["predictions"]["file"] = "../elsewhere.npz"  # only a file beside the JSON is ever read
+    path.write_text(json.dumps(d))
+    with pytest.raises(ValueError, match="predictions.file"):
+        nlmefit.FitResult.from_json(path, model=pheno_real())
+    d["predictions"]["file"] = "result.predictions.npz"
+    path.write_text(json.dumps(d))
+    (tmp_path / "result.predictions.npz").unlink()
+    with pytest.raises(ValueError, match="missing"):
+        nlmefit.FitResult.from_json(path, model=pheno_real())

@@ -45,6 +45,10 @@ from nlmefit.results.summary import parameter_table, summary_text
 __all__ = ["FitResult", "SCHEMA_VERSION"]
 
 SCHEMA_VERSION = 2  # of result.json; 1 kept traces and likelihoods in an untyped "extra" dict
+#: predictions / individual estimates with more rows than this are written beside the JSON (``.npz``), not in it
+EMBED_ROWS = 200_000
+#: the tables that may go beside the JSON
+_EXTERNAL = ("predictions", "individual_estimates")
 
 
 class _CleanRows(list):
@@ -410,15 +414,24 @@ class FitResult:
 
     def to_json(self, path: str | os.PathLike) -> None:
         """Write atomically (temporary file in the same folder, then rename). Tensor-valued weights go to a
-        ``.pt`` file beside it (same stem), written first, so a JSON file never names weights that are not
-        there."""
+        ``.pt`` file beside it (same stem), and predictions / individual estimates of more than
+        :data:`EMBED_ROWS` rows to ``<stem>.<table>.npz`` (one array per column, read back without unpickling),
+        all written first, so a JSON file never names a file that is not there. (A million subjects' predictions
+        as JSON would be a 2 GB file needing ~10 GB of Python objects to write or read.)"""
         path = os.fspath(path)
         folder = os.path.dirname(os.path.abspath(path))
         os.makedirs(folder, exist_ok=True)
         if self.weights:
             state = {k: v.detach().cpu().clone() for k, v in self.weights.items()}
             _atomic_write(_weights_path(path), lambda fh: torch.save(state, fh), binary=True)
-        d = self.to_dict()
+        big = {k: getattr(self, k) for k in _EXTERNAL
+               if getattr(self, k) is not None and len(getattr(self, k)) > EMBED_ROWS}
+        for name, df in big.items():
+            _write_frame_file(df, _frame_path(path, name))
+        d = (self.replace(**{k: None for k in big}) if big else self).to_dict()
+        for name, df in big.items():
+            d[name] = {"file": os.path.basename(_frame_path(path, name)), "columns": list(map(str, df.columns)),
+                       "rows": len(df)}
         # indented for reading; compact above 20 000 predictions (the C encoder: ~10x faster on 10^6 numbers)
         indent = 1 if self.predictions is None or len(self.predictions) <= 20_000 else None
         _atomic_write(path, lambda fh: fh.write(json.dumps(d, indent=indent, allow_nan=False)))
@@ -483,13 +496,47 @@ class FitResult:
         (a custom model's specification imports its module: use it for results you do not trust)."""
         path = os.fspath(path)
         d = load_result_json(path)
+        frames = {}
+        for name in _EXTERNAL:  # tables written beside the JSON (np.load without pickle)
+            obj = d.get(name)
+            if isinstance(obj, dict) and "file" in obj:
+                frames[name] = _read_frame_file(os.path.join(os.path.dirname(os.path.abspath(path)), obj["file"]),
+                                                obj, path)
+                d = {**d, name: None}
         weights = None
         if d.get("weights"):
             wpath = _weights_path(path)
             if not os.path.exists(wpath):
                 raise ValueError(f"{path} names tensor-valued weights {sorted(d['weights'])} but {wpath} is missing")
             weights = torch.load(wpath, map_location="cpu", weights_only=True)
-        return cls.from_dict(d, model=model, weights=weights, restore_model=restore_model, where=path)
+        res = cls.from_dict(d, model=model, weights=weights, restore_model=restore_model, where=path)
+        return res.replace(**frames) if frames else res
+
+
+def _frame_path(path: str, name: str) -> str:
+    stem = path[:-5] if path.endswith(".json") else path
+    return f"{stem}.{name}.npz"
+
+
+def _write_frame_file(df: pd.DataFrame, fpath: str) -> None:
+    """``df`` as an ``.npz``: one array per column (text columns as fixed-width unicode), and the index."""
+    arrays = {"index": np.asarray(df.index)}
+    for j in range(df.shape[1]):
+        v = df.iloc[:, j].to_numpy()
+        arrays[f"c{j}"] = v.astype(str) if v.dtype == object else v
+    _atomic_write(fpath, lambda fh: np.savez(fh, **arrays), binary=True)
+
+
+def _read_frame_file(fpath: str, meta: dict, where: str) -> pd.DataFrame:
+    """The table :func:`_write_frame_file` wrote (``allow_pickle=False``: data only), checked against ``meta``."""
+    if not os.path.exists(fpath):
+        raise ValueError(f"{where} keeps a table in {fpath}, which is missing")
+    cols = list(meta["columns"])
+    with np.load(fpath, allow_pickle=False) as z:
+        df = pd.DataFrame({c: z[f"c{j}"] for j, c in enumerate(cols)}, index=z["index"])
+    if len(df) != int(meta["rows"]):
+        raise ValueError(f"{fpath} holds {len(df)} rows but {where} says {meta['rows']}")
+    return df
 
 
 def _weights_path(path: str) -> str:

@@ -54,7 +54,9 @@ OPTIONAL = {"options": "dict", "fixed": "strlist", "messages": "list", "seed": "
             "epsilon_shrinkage": "num?", "likelihoods": "dict?", "phases": "dict?", "acceptance": "dict?",
             "weights": "dict?", "source": "dict?", "model_spec": "dict?", "se": "dict?",
             "initial": "dict?", "warnings": "list"}
-#: keys holding a table {"columns": [...], "index": [...], "data": [[...], ...]} (or null)
+#: keys holding a table {"columns": [...], "index": [...], "data": [[...], ...]} (or null); predictions and
+#: individual estimates may instead be {"file": "<stem>.<key>.npz", "columns": [...], "rows": n} (a large table
+#: written beside the JSON)
 FRAMES = ("covariance", "individual_estimates", "predictions", "traces", "mcmc")
 
 
@@ -65,6 +67,14 @@ def _describe(x: Any) -> str:
 
 def _check_frame(name: str, obj: Any, where: str) -> None:
     if obj is None:
+        return
+    if isinstance(obj, dict) and "file" in obj and name in ("predictions", "individual_estimates"):
+        f = obj["file"]  # a table written beside the JSON: a plain file name in the same folder
+        if not isinstance(f, str) or not f.endswith(".npz") or f != os.path.basename(f) or f.startswith("."):
+            raise ResultSchemaError(f"{where}: {name}.file should be the name of an .npz file beside it, got "
+                                    f"{_describe(f)}")
+        if not isinstance(obj.get("columns"), list) or not _is_int(obj.get("rows")):
+            raise ResultSchemaError(f"{where}: {name} (in {f}) should list its columns and number of rows")
         return
     if not isinstance(obj, dict):
         raise ResultSchemaError(f"{where}: {name!r} should be a table {{columns, index, data}} or null, "
