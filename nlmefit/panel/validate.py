@@ -460,12 +460,27 @@ def _check_order(subj: np.ndarray, ids: np.ndarray, time: np.ndarray, first: np.
                           "sort=True to sort by ID then TIME)", time)
 
 
-def _check_duplicates(key: dict[str, np.ndarray], cov: np.ndarray, evid: np.ndarray, ctx: RowContext) -> None:
-    """DataError for a record that exactly repeats an earlier one (key fields and covariates; resets excepted)."""
-    kdf = pd.DataFrame(key)
+def _check_duplicates(key: dict[str, np.ndarray], cov: np.ndarray, evid: np.ndarray, ctx: RowContext,
+                      subj: np.ndarray) -> None:
+    """DataError for a record that exactly repeats an earlier one (key fields and covariates; resets excepted).
+    Only records sharing subject and TIME with another can repeat one, so the full comparison runs on those
+    few (found by one sort of integer codes): O(n) memory instead of a frame of every record's key."""
+    n = len(evid)
+    t = np.asarray(key["TIME"], dtype=float)
+    order = np.lexsort((t, subj))
+    ts, ss = t[order], subj[order]
+    same = (ss[1:] == ss[:-1]) & ((ts[1:] == ts[:-1]) | (np.isnan(ts[1:]) & np.isnan(ts[:-1])))
+    if not same.any():
+        return
+    cand = np.zeros(n, dtype=bool)
+    cand[order[1:][same]] = True
+    cand[order[:-1][same]] = True
+    idx = np.flatnonzero(cand)  # in row order, so keep="first" keeps the earliest row
+    kdf = pd.DataFrame({k: np.asarray(v)[idx] for k, v in key.items()})
     for k in range(cov.shape[1]):
-        kdf[f"__cov{k}"] = cov[:, k]
-    dup = kdf.duplicated(keep="first").to_numpy().copy()
+        kdf[f"__cov{k}"] = cov[idx, k]
+    dup = np.zeros(n, dtype=bool)
+    dup[idx] = kdf.duplicated(keep="first").to_numpy()
     dup &= evid != 3  # repeated resets are harmless
     ctx.fail("ID/TIME/EVID/AMT/DV", dup, "no duplicate records (this row repeats an earlier one exactly)")
 
@@ -502,7 +517,7 @@ def read_records(df: pd.DataFrame, *, sort: bool = False, require_dv: bool = Tru
         _check_order(subj, ids, time, first, ctx)
     key = {"ID": raw_ids, "TIME": time, "EVID": evid, "AMT": amt, "DV": dv, "CMT": cmt, "DVID": dvid,
            "RATE": rate, "II": ii, "ADDL": addl, "SS": ss, "CENS": cens, "OCC": occ}
-    _check_duplicates(key, cov, evid, ctx)
+    _check_duplicates(key, cov, evid, ctx, subj)
     raw = {c: col[c].to_numpy() for c in cols}
     return Records(n=n, subj=subj, ids=ids, raw_ids=raw_ids, time=time, dv=dv, amt=amt, evid=evid, cmt=cmt,
                    rate=rate, dur=dur, ii=ii, addl=addl, ss=ss, cens=cens, limit=limit, limit_other=limit_other,
