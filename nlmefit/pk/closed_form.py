@@ -63,7 +63,10 @@ def _phi(x: torch.Tensor) -> torch.Tensor:
 
 def _divdiff(a: torch.Tensor, b: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """(e^{−a s} − e^{−b s})/(b − a) for s ≥ 0, stable for every a, b (including a = b: s·e^{−a s})."""
-    return torch.exp(-torch.minimum(a, b) * s) * s * _phi((a - b).abs() * s)
+    lo = torch.minimum(a, b)
+    # |a − b| as max − min: abs's double backward runs through a Python decomposition in torch (≈0.4 ms a call,
+    # 20 % of a theophylline FOCE-I fit's per-subject Hessians); max − min has the same value and derivatives
+    return torch.exp(-lo * s) * s * _phi((torch.maximum(a, b) - lo) * s)
 
 
 def _as_param(x, dtype, device, n: int) -> torch.Tensor:
