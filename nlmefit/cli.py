@@ -835,7 +835,8 @@ def cmd_fit(args) -> int:
         options["n_starts"] = args.starts
     result = nlmefit.fit(model, panel, method=args.method, init=init, seed=args.seed,
                          compute_loglik=args.loglik, loglik_options=lik_opts, **options)
-    if shard is not None and shard.rank != 0:  # only rank 0 prints and writes
+    if shard is not None and shard.rank != 0:  # only rank 0 prints and publishes files; the others format
+        _write_tables(result, out, shard)      # their share of the large CSVs (the same calls as rank 0's)
         return 0 if result.converged else 1
     out.mkdir(parents=True, exist_ok=True)
     data_spec = str(Path(args.data).resolve()) if os.path.exists(args.data) else args.data
@@ -853,8 +854,7 @@ def cmd_fit(args) -> int:
         result = result.replace(initial=rec)
     result.to_json(out / "result.json")
     _atomic_csv(result.summary().rename_axis("parameter").reset_index(), str(out / "summary.csv"))
-    _atomic_csv(result.predictions, str(out / "predictions.csv"))
-    _atomic_csv(result.individual_estimates, str(out / "individual_estimates.csv"))
+    _write_tables(result, out, shard)
     tables = [p.name for p in result.tables(out)] if args.tables else []
     notes = _retire_old_outputs(out, result)
     print(result.summary_text())
@@ -870,6 +870,15 @@ def cmd_fit(args) -> int:
     for n in notes:
         print(n)
     return 0 if result.converged else 1
+
+
+def _write_tables(result, out: Path, shard) -> None:
+    """predictions.csv and individual_estimates.csv, their formatting shared by the ranks (rank 0 publishes)."""
+    from nlmefit._io import sharded_csv  # local: the CLI imports the package lazily
+
+    for name, frame in (("predictions", result.predictions), ("individual_estimates", result.individual_estimates)):
+        if frame is not None:  # the same on every rank (the result is)
+            sharded_csv(frame, out / f"{name}.csv", shard)
 
 
 def _data_and_model(args, covariates: dict | None = None, omega_blocks=None):

@@ -13,6 +13,7 @@ import sys
 import time
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import nlmefit
@@ -56,6 +57,11 @@ def test_two_ranks_give_the_single_process_fit(tmp_path):
     for k in one.estimates.index:
         assert two.estimates[k] == pytest.approx(one.estimates[k], rel=1e-6), k
     assert two.se["tvcl"] == pytest.approx(one.se["tvcl"], rel=1e-6)
+    # predictions.csv: formatted by both ranks, published by rank 0; no share left behind
+    csv = pd.read_csv(tmp_path / "two" / "predictions.csv")
+    assert list(csv.columns) == list(one.predictions.columns) and len(csv) == len(one.predictions)
+    assert np.allclose(csv["CWRES"], one.predictions["CWRES"], rtol=1e-6, atol=1e-9)
+    assert not [p for p in (tmp_path / "two").iterdir() if p.name.startswith(".")]
     is2, is1 = two.likelihoods["is"], one.likelihoods["is"]
     assert is2["ofv"] == pytest.approx(is1["ofv"], rel=1e-8) and is2["se"] == pytest.approx(is1["se"], rel=1e-6)
 
@@ -113,8 +119,6 @@ def test_bootstrap_on_two_ranks_equals_one_process(tmp_path):
                "--out", str(tmp_path / name)] + (["--workers", str(k)] if k > 1 else [])
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
         assert proc.returncode == 0, proc.stderr
-    import pandas as pd
-
     a = pd.read_csv(tmp_path / "two" / "bootstrap_estimates.csv")
     b = pd.read_csv(tmp_path / "one" / "bootstrap_estimates.csv")
     cols = [c for c in a.columns if c not in ("n_iter", "success")]
