@@ -804,8 +804,8 @@ def cmd_fit(args) -> int:
     if args.method == "saem":
         options.update({k: v for k, v in stream_options.items() if k in ("n_explore", "n_smooth")})
     if args.max_memory is not None:
-        if args.method not in CLASSICAL:
-            raise ModelSpecError(f"--max-memory applies to --method {'/'.join(CLASSICAL)} (not {args.method})")
+        if args.method not in SHARDED:
+            raise ModelSpecError(f"--max-memory applies to --method {'/'.join(SHARDED)} (not {args.method})")
         options["max_memory"] = args.max_memory
     for key in ("n_explore", "n_smooth"):
         if getattr(args, key) is not None:
@@ -1111,7 +1111,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--maxiter", type=nonneg_int, default=None,
                    help="maximum optimiser iterations (classical methods; 0 evaluates at the initial values)")
     f.add_argument("--max-memory", type=memory_size, default=None, metavar="SIZE",
-                   help="memory budget for one chunk of subjects, e.g. 2GB (classical methods; default: a "
+                   help="memory budget for one chunk of subjects, e.g. 2GB (classical methods, saem; default: a "
                         "sixteenth of the machine's memory per rank, at most 2GB)")
     f.add_argument("--n-explore", type=positive_int, default=None,
                    help="SAEM: exploration iterations, step size 1 (default 150; Monolix K1)")

@@ -70,3 +70,14 @@ def test_large_tables_go_beside_the_json_and_come_back(tmp_path, monkeypatch):
     (tmp_path / "result.predictions.npz").unlink()
     with pytest.raises(ValueError, match="missing"):
         nlmefit.FitResult.from_json(path, model=pheno_real())
+
+
+def test_saem_in_chunks_is_saem_in_one_chunk():
+    # the M-step's derivatives are sums over subjects: chunking changes the order of the sums only
+    data = nlmefit.datasets.load("pheno")
+    opts = dict(method="saem", seed=4, n_explore=20, n_smooth=20, n_samples=200, covariance=None)
+    one = nlmefit.fit(pheno_real(), data, **opts)
+    tiny = nlmefit.fit(pheno_real(), data, max_memory=bytes_per_subject(
+        pheno_real().prepare(nlmefit.Panel.from_dataframe(data))) * 4 * 12, **opts)  # 12 subjects, 4 chains
+    assert tiny.ofv == pytest.approx(one.ofv, rel=1e-9)
+    assert np.allclose(tiny.estimates, one.estimates, rtol=1e-8)

@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from nlmefit import parallel
+from nlmefit import memory, parallel
 from nlmefit.errors import EstimationError, ModelSpecError
 from nlmefit.estimators.base import Estimator, check_covariance, register
 from nlmefit.estimators.mcmc import KERNELS, init_chains, mcmc_sweep
@@ -124,7 +124,8 @@ class SAEM(Estimator):
     smoothing phase; ``ofv_method`` ``"is"`` or ``"agq"`` for the reported OFV with ``n_samples`` /
     ``proposal`` / ``n_nodes``; ``covariance`` as for FOCE-I (linearisation at the SAEM estimates) or None;
     ``threads`` (None: :func:`nlmefit.threads.thread_policy`); ``check_start`` also evaluates the −2LL at the
-    initial values, so that a run that ends far worse than it started is reported as failed.
+    initial values, so that a run that ends far worse than it started is reported as failed; ``max_memory`` the
+    budget for one chunk of subjects in the M-step's derivatives (:mod:`nlmefit.memory`).
     """
 
     def __init__(
@@ -147,6 +148,7 @@ class SAEM(Estimator):
         progress: ProgressArg = None,
         threads: int | str | None = None,
         check_start: bool = True,
+        max_memory: int | float | str | None = None,
     ) -> None:
         kernels = dict({"prior": 2, "block": 2, "component": 2, "mala": 0} if kernels is None else kernels)
         unknown = set(kernels) - set(KERNELS)
@@ -181,6 +183,11 @@ class SAEM(Estimator):
         self.device = device
         self.threads = check_threads(threads)
         self.check_start = bool(check_start)
+        try:
+            memory.parse_memory(max_memory)
+        except ValueError as err:
+            raise ModelSpecError(str(err)) from None
+        self.max_memory = max_memory
         self._progress = progress
 
     requires = (Linearisable,)
@@ -421,6 +428,9 @@ class _Run:
         self.gen.manual_seed(seed)
         n, q = mdata.n_subjects, mdata.q
         self.n_chains = saem.n_chains or max(1, math.ceil(200 / self.n_total))
+        # subjects per chunk of the M-step's derivatives (C chains each): within the memory budget
+        self.chunk = max(1, memory.subjects_per_chunk(mdata, saem.max_memory) // self.n_chains) \
+            if mdata.n_subjects else 1
         cens = bool((full.cens[full.mask] != 0).any())
         self.sig_free = [k for k, s in pset.sigma.items() if not s.fixed]
         # σ² in closed form when Var(y) = σ²·g(f) with one σ (additive, proportional, exponential)
@@ -452,26 +462,36 @@ class _Run:
             at += x.numel()
         return out
 
-    def complete_loglik(self, v: torch.Tensor, psi: torch.Tensor, p_base: Params) -> torch.Tensor:
-        """log p(y_i, ψ_ci | θ(v)) per chain and subject, [C, N]."""
+    def complete_loglik(self, v: torch.Tensor, psi: torch.Tensor, p_base: Params, data=None) -> torch.Tensor:
+        """log p(y_i, ψ_ci | θ(v)) per chain and subject, [C, N] (of ``data``, default this process's subjects)."""
+        data = self.mdata if data is None else data
         u = self.pset.to_unconstrained(p_base).detach().clone()
         pv = self.pset.from_unconstrained(u.index_put((self.newton_idx,), v))
-        eta = psi - self.saem._mu(self.model, pv, self.mdata)
-        return self.model.log_lik(pv, eta, self.mdata) + self.model.log_prior(pv, eta, self.mdata.n_occ)
+        eta = psi - self.saem._mu(self.model, pv, data)
+        return self.model.log_lik(pv, eta, data) + self.model.log_prior(pv, eta, data.n_occ)
 
     def _derivatives(self, v0: torch.Tensor, psi: torch.Tensor, p: Params):
-        """(gradient [P], complete-data information [P, P], per-chain-and-subject gradients [C, N, P])."""
+        """(gradient [P], complete-data information [P, P], per-chain-and-subject gradients [C, N, P]), summed
+        over memory-sized chunks of subjects (``max_memory``: :mod:`nlmefit.memory`)."""
         P = v0.numel()
-        vv = v0.clone().requires_grad_(True)
-        with torch.enable_grad():
-            lmat = self.complete_loglik(vv, psi, p)  # [C, N]
-            (g,) = torch.autograd.grad(lmat.sum() / self.n_chains, vv, create_graph=True)
-            Hm = torch.stack([torch.autograd.grad(g[j], vv, retain_graph=True)[0] for j in range(P)])
-            dummy = torch.zeros_like(lmat, requires_grad=True)
-            (vjp,) = torch.autograd.grad(lmat, vv, dummy, create_graph=True)
-            g_ci = torch.stack([torch.autograd.grad(vjp[j], dummy, retain_graph=True)[0]
-                                for j in range(P)], -1).detach()
-        return g.detach(), -0.5 * (Hm + Hm.T).detach(), g_ci
+        g_sum = torch.zeros_like(v0)
+        H_sum = torch.zeros(P, P, dtype=v0.dtype, device=v0.device)
+        parts = []
+        slices = memory.subject_slices(self.mdata.n_subjects, self.chunk)
+        for sl in slices:  # chunks of subjects (one in all unless the budget asks for more), not subjects
+            data = self.mdata if len(slices) == 1 else self.mdata.index(sl)
+            vv = v0.clone().requires_grad_(True)
+            with torch.enable_grad():
+                lmat = self.complete_loglik(vv, psi[:, sl], p, data)  # [C, n]
+                (g,) = torch.autograd.grad(lmat.sum() / self.n_chains, vv, create_graph=True)
+                Hm = torch.stack([torch.autograd.grad(g[j], vv, retain_graph=True)[0] for j in range(P)])
+                dummy = torch.zeros_like(lmat, requires_grad=True)
+                (vjp,) = torch.autograd.grad(lmat, vv, dummy, create_graph=True)
+                parts.append(torch.stack([torch.autograd.grad(vjp[j], dummy, retain_graph=True)[0]
+                                          for j in range(P)], -1).detach())
+            g_sum, H_sum = g_sum + g.detach(), H_sum + Hm.detach()
+        g_ci = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+        return g_sum, -0.5 * (H_sum + H_sum.T), g_ci
 
     def theta_step(self, p: Params, psi: torch.Tensor, gamma: float, explore: bool) -> Params:
         """θ (and σ of combined / censored models): one stochastic-approximation Newton step."""
