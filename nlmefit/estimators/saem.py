@@ -429,8 +429,8 @@ class _Run:
         n, q = mdata.n_subjects, mdata.q
         self.n_chains = saem.n_chains or max(1, math.ceil(200 / self.n_total))
         # subjects per chunk of the M-step's derivatives (C chains each): within the memory budget
-        self.chunk = max(1, memory.subjects_per_chunk(mdata, saem.max_memory) // self.n_chains) \
-            if mdata.n_subjects else 1
+        budget = memory.parse_memory(saem.max_memory) or memory.default_budget()
+        self.chunk = int(max(1, min(mdata.n_subjects, budget // (memory.bytes_per_subject(mdata) * self.n_chains))))
         cens = bool((full.cens[full.mask] != 0).any())
         self.sig_free = [k for k, s in pset.sigma.items() if not s.fixed]
         # σ² in closed form when Var(y) = σ²·g(f) with one σ (additive, proportional, exponential)
