@@ -67,6 +67,9 @@ def test_large_tables_go_beside_the_json_and_come_back(tmp_path, monkeypatch):
         nlmefit.FitResult.from_json(path, model=pheno_real())
     d["predictions"]["file"] = "result.predictions.npz"
     path.write_text(json.dumps(d))
+    (tmp_path / "result.predictions.npz").write_bytes(b"not a zip file")  # damaged: a message, not a traceback
+    with pytest.raises(ValueError, match="cannot be read"):
+        nlmefit.FitResult.from_json(path, model=pheno_real())
     (tmp_path / "result.predictions.npz").unlink()
     with pytest.raises(ValueError, match="missing"):
         nlmefit.FitResult.from_json(path, model=pheno_real())

@@ -170,7 +170,7 @@ class ClassicalEstimator(Estimator):
         p0 = pset.initial(torch.float64, dev)
         u0 = pset.to_unconstrained(p0).detach().cpu().numpy()
         shard = parallel.current()  # several ranks: this one evaluates its own subjects, totals are all-reduced
-        mine = None if shard is None else torch.as_tensor(shard.subjects(mdata), device=dev)
+        mine = None if shard is None else shard.rows(mdata)
         ldata = mdata if mine is None else mdata.index(mine)
         eta = torch.zeros(ldata.n_subjects, mdata.q, dtype=torch.float64, device=dev)
         state = {"eta": eta, "n_eval": 0, "best": math.inf}

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import warnings
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -532,8 +533,11 @@ def _read_frame_file(fpath: str, meta: dict, where: str) -> pd.DataFrame:
     if not os.path.exists(fpath):
         raise ValueError(f"{where} keeps a table in {fpath}, which is missing")
     cols = list(meta["columns"])
-    with np.load(fpath, allow_pickle=False) as z:
-        df = pd.DataFrame({c: z[f"c{j}"] for j, c in enumerate(cols)}, index=z["index"])
+    try:
+        with np.load(fpath, allow_pickle=False) as z:
+            df = pd.DataFrame({c: z[f"c{j}"] for j, c in enumerate(cols)}, index=z["index"])
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:  # truncated, edited or not an .npz
+        raise ValueError(f"{fpath} (a table of {where}) cannot be read: {err}") from None
     if len(df) != int(meta["rows"]):
         raise ValueError(f"{fpath} holds {len(df)} rows but {where} says {meta['rows']}")
     return df

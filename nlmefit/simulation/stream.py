@@ -34,6 +34,7 @@ import torch
 from nlmefit import parallel
 from nlmefit._io import atomic_write
 from nlmefit.errors import ModelSpecError
+from nlmefit.memory import subject_slices
 from nlmefit.models.model import Model, ModelData
 from nlmefit.models.parameters import Params
 from nlmefit.panel import Panel
@@ -114,7 +115,7 @@ def chunk_slices(n: int, size: int) -> list[slice]:
     """Consecutive slices of at most ``size`` of ``range(n)``."""
     if size < 1:
         raise ModelSpecError(f"chunk_size must be a positive number of subjects, got {size}")
-    return [slice(a, min(n, a + size)) for a in range(0, n, size)]
+    return subject_slices(n, size) if n else []
 
 
 def default_chunk_size(values_per_subject: float) -> int:
