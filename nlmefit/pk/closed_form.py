@@ -29,7 +29,7 @@ Numerics
   ``[u(λ) − u(ka)]/(ka − λ) = D(λ,ka;Δ)·w(λ) + e^{−kaΔ}·D(λ,ka;τ)·w(λ)·w(ka)``.
 * ``1 − e^{−x}`` is always ``−expm1(−x)``; all exponents are ≤ 0.
 * Masked entries (padding, doses after the observation, other epochs, Δ < 0) are evaluated at safe arguments
-  (Δ = 0, τ = T = R = 1) and dropped with ``torch.where``, so no gradient is ever NaN.
+  (Δ = τ = T = R = 1) and dropped with ``torch.where``, so no gradient is ever NaN.
 
 Doses (NONMEM conventions, as on the ODE path :func:`nlmefit.pk.ode.solve`): the amount is ``f·amt``; a data
 infusion (``dose_rate`` > 0) keeps its rate and lasts ``f·amt/rate``; ``dose_rate`` −1 takes the rate from
@@ -39,6 +39,7 @@ Tensors are ``[N, J, D, ncmt]`` (observations × doses × exponentials); memory 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 
@@ -54,6 +55,8 @@ _TAYLOR_X = 1e-3  # below this, φ(x) = (1 − e^{−x})/x by its Taylor series 
 def _phi(x: torch.Tensor) -> torch.Tensor:
     """(1 − e^{−x})/x for x ≥ 0, accurate (value and gradient) at and near 0."""
     small = x < _TAYLOR_X
+    if not bool(small.any()):  # the usual case: no Taylor branch in the graph (a third of this term's nodes)
+        return -torch.expm1(-x) / x
     xs = torch.where(small, torch.ones_like(x), x)
     big = -torch.expm1(-xs) / xs
     xt = torch.where(small, x, torch.zeros_like(x))
@@ -61,12 +64,16 @@ def _phi(x: torch.Tensor) -> torch.Tensor:
     return torch.where(small, taylor, big)
 
 
-def _divdiff(a: torch.Tensor, b: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """(e^{−a s} − e^{−b s})/(b − a) for s ≥ 0, stable for every a, b (including a = b: s·e^{−a s})."""
+def _divdiff(a: torch.Tensor, b: torch.Tensor, s: torch.Tensor, s_phi: torch.Tensor | None = None) -> torch.Tensor:
+    """(e^{−a s} − e^{−b s})/(b − a) for s ≥ 0, stable for every a, b (including a = b: s·e^{−a s}).
+
+    ``s_phi``: a constant (no-gradient) copy of ``s`` with its zeros replaced by 1, for φ's argument. The result
+    has the factor s, so at s = 0 its value and its derivatives in a and b are 0 whatever φ gets; without the
+    zeros φ needs no Taylor branch (an observation at the dose time would otherwise bring it into every graph)."""
     lo = torch.minimum(a, b)
     # |a − b| as max − min: abs's double backward runs through a Python decomposition in torch (≈0.4 ms a call,
     # 20 % of a theophylline FOCE-I fit's per-subject Hessians); max − min has the same value and derivatives
-    return torch.exp(-lo * s) * s * _phi((torch.maximum(a, b) - lo) * s)
+    return torch.exp(-lo * s) * s * _phi((torch.maximum(a, b) - lo) * (s if s_phi is None else s_phi))
 
 
 def _as_param(x, dtype, device, n: int) -> torch.Tensor:
@@ -105,78 +112,68 @@ def concentration(params: Mapping[str, torch.Tensor], events: Events, ncmt: int,
     p = {k: _as_param(v, dtype, device, n) for k, v in params.items()
          if k in need or k in ("f", "tlag", "dur", "rate")}
 
-    # ------------------------------------------------------------ doses [N, J', D] (J' = 1 unless params vary by obs)
-    dm = ev.dose_mask
-    dr = ev.dose_rate.to(dtype)
-    route1 = dm & (ev.dose_route == 1)
-    data_inf, rate_mod, dur_mod = dm & (dr > 0), dm & (dr == -1), dm & (dr == -2)
-    is_inf = data_inf | rate_mod | dur_mod
-    ss = dm & (ev.dose_ss > 0)
-    ii = ev.dose_ii.to(dtype)
-    flags = torch.stack([(route1 & (dr != 0)).any(), route1.any(), rate_mod.any(), dur_mod.any(),
-                         (ss & ~(ii > 0)).any(), (is_inf & ~route1).any(), ss.any()]).tolist()
-    bad_inf, any_route1, any_rate_mod, any_dur_mod, bad_ii, any_inf, any_ss = flags
-    if bad_inf:
+    d = events.memo(f"closed_form:{dtype}", lambda: _design(events, dtype))
+    if d.bad_inf:
         raise ModelSpecError("infusions into the depot (dose_route 1 with a nonzero RATE) are not supported by the "
                              "closed-form models; dose them into the central compartment or use the ODE path")
-    if any_route1 and not oral:
+    if d.any_route1 and not oral:
         raise ModelSpecError("doses into the depot (dose_route 1) need an oral model (oral=True)")
-    if any_rate_mod and "rate" not in p:
+    if d.any_rate_mod and "rate" not in p:
         raise ModelSpecError("the data has RATE=-1 (modelled rate) but the parameters have no 'rate'")
-    if any_dur_mod and "dur" not in p:
+    if d.any_dur_mod and "dur" not in p:
         raise ModelSpecError("the data has RATE=-2 (modelled duration) but the parameters have no 'dur'")
-    if bad_ii:
+    if d.bad_ii:
         raise ModelSpecError("steady-state doses (SS=1/2) need an interval II > 0")
 
     def per_dose(x: torch.Tensor) -> torch.Tensor:  # [N, J'] parameter → [N, J', 1]; scalars stay scalars
         return x[..., None] if x.dim() == 2 else x
 
-    one = torch.ones((), dtype=dtype, device=device)
-    f = per_dose(p["f"]) if "f" in p else one
-    amt = torch.where(dm, ev.dose_amt.to(dtype), torch.zeros_like(dr))[:, None, :] * f  # [N, J', D]
-    contrib = ev.contributes()  # [N, J, D]
-    delta = ev.obs_time.to(dtype)[:, :, None] - ev.dose_time.to(dtype)[:, None, :]
+    amt = d.amt * per_dose(p["f"]) if "f" in p else d.amt  # [N, J', D]
     if "tlag" in p:
-        delta = delta - per_dose(p["tlag"])
-    mask = contrib & (delta >= 0)
-    dt = torch.where(mask, delta, torch.zeros_like(delta))[..., None]  # [N, J, D, 1], safe Δ
-    ss4 = ss[:, None, :, None]
-    tau = torch.where(ss, ii, torch.ones_like(ii))[:, None, :, None]  # [N, 1, D, 1], safe τ
+        delta = d.delta - per_dose(p["tlag"])
+        mask = d.contrib & (delta >= 0)
+        dt = torch.where(mask, delta, torch.ones_like(delta))[..., None]  # [N, J, D, 1], safe Δ = 1
+    else:
+        mask, dt = d.mask, d.dt
+    ss4, tau, any_ss = d.ss4, d.tau, d.any_ss
 
     lam, a_coef = macro_constants({k: p[k] for k in PK_PARAMS[ncmt]}, ncmt)  # [N?, J'?, K]
     lam = lam[..., None, :] if lam.dim() >= 2 else lam  # [N, J', 1, K]
     a_coef = a_coef[..., None, :] if a_coef.dim() >= 2 else a_coef
-    e_lam = torch.exp(-lam * dt)  # [N, J, D, K]
     if any_ss:
         w_lam = 1 / -torch.expm1(-lam * tau)  # [N, 1|J', D, K]
 
-    # bolus into the central compartment (also the default for non-infusion route-0 doses)
-    resp = e_lam * torch.where(ss4, w_lam, torch.ones_like(w_lam)) if any_ss else e_lam
-    resp = amt[..., None] * resp
+    # one response per dose kind, combined with torch.where only where the data mix kinds
+    resp = None
+    if d.any_bolus:  # bolus into the central compartment (also the default for non-infusion route-0 doses)
+        e_lam = torch.exp(-lam * dt)  # [N, J, D, K]
+        resp = e_lam * torch.where(ss4, w_lam, torch.ones_like(w_lam)) if any_ss else e_lam
+        resp = amt[..., None] * resp
 
     used = set(PK_PARAMS[ncmt]) | {"f", "tlag"}
-    if oral and any_route1:
+    if oral and d.any_route1:
         used.add("ka")
         ka = per_dose(p["ka"])[..., None]  # [N, J', 1, 1]
-        kdiff = _divdiff(lam, ka, dt)
+        kdiff = _divdiff(lam, ka, dt, None if "tlag" in p else d.dt_phi)
         if any_ss:
             w_ka = 1 / -torch.expm1(-ka * tau)
             ss_extra = torch.exp(-ka * dt) * _divdiff(lam, ka, tau) * w_lam * w_ka
             kdiff = torch.where(ss4, kdiff * w_lam + ss_extra, kdiff)
-        resp = torch.where(route1[:, None, :, None], amt[..., None] * ka * kdiff, resp)
+        oral_resp = amt[..., None] * ka * kdiff
+        resp = oral_resp if resp is None else torch.where(d.route1[:, None, :, None], oral_resp, resp)
 
-    if any_inf:
+    if d.any_inf:
         used |= {"rate", "dur"}
-        ones_d = torch.ones_like(dr)
-        rate = torch.where(data_inf, dr, ones_d)[:, None, :]  # [N, 1, D]
+        ones_d = torch.ones_like(d.dr)
+        rate = torch.where(d.data_inf, d.dr, ones_d)[:, None, :]  # [N, 1, D]
         if "rate" in p:
-            rate = torch.where(rate_mod[:, None, :], per_dose(p["rate"]), rate)
+            rate = torch.where(d.rate_mod[:, None, :], per_dose(p["rate"]), rate)
         dur = amt / rate
         if "dur" in p:
-            dur_p = torch.where(dur_mod[:, None, :], per_dose(p["dur"]), ones_d[:, None, :])
-            rate = torch.where(dur_mod[:, None, :], amt / dur_p, rate)
-            dur = torch.where(dur_mod[:, None, :], dur_p, dur)
-        inf3 = is_inf[:, None, :]
+            dur_p = torch.where(d.dur_mod[:, None, :], per_dose(p["dur"]), ones_d[:, None, :])
+            rate = torch.where(d.dur_mod[:, None, :], amt / dur_p, rate)
+            dur = torch.where(d.dur_mod[:, None, :], dur_p, dur)
+        inf3 = d.is_inf[:, None, :]
         rate = torch.where(inf3, rate, ones_d[:, None, :])[..., None]  # safe R, T: [N, J', D, 1]
         dur = torch.where(inf3, dur, ones_d[:, None, :])[..., None]
         r_over = rate / lam
@@ -186,18 +183,74 @@ def concentration(params: Mapping[str, torch.Tensor], events: Events, ncmt: int,
             # n = #{m ≥ 0: Δ + mτ < T}: implied infusions (this one included) still running at Δ (piecewise constant)
             n_run = torch.clamp(torch.ceil((dur - dt).detach() / tau), min=0)
             m_run = torch.clamp(n_run - 1, min=0)
-            first = torch.where(n_run >= 1, -torch.expm1(-lam * dt), torch.zeros_like(e_lam))
+            zero = torch.zeros((), dtype=dtype, device=device)
+            first = torch.where(n_run >= 1, -torch.expm1(-lam * dt), zero)
             earlier = m_run - torch.exp(-lam * (dt + tau)) * -torch.expm1(-lam * m_run * tau) * w_lam
             tail = -torch.expm1(-lam * dur) * torch.exp(-lam * torch.clamp(dt + n_run * tau - dur, min=0)) * w_lam
             single = torch.where(ss4, first + earlier + tail, single)
-        resp = torch.where(is_inf[:, None, :, None], r_over * single, resp)
+        inf_resp = r_over * single
+        resp = inf_resp if resp is None else torch.where(d.is_inf[:, None, :, None], inf_resp, resp)
 
-    terms = torch.where(mask[..., None], a_coef * resp, torch.zeros_like(resp))
-    conc = terms.sum((-1, -2))
-    conc = torch.where(ev.obs_mask, conc, torch.zeros_like(conc))
+    if resp is None:  # no dose at all: every concentration is 0
+        resp = torch.zeros_like(dt)
+    terms = torch.where(mask[..., None], a_coef * resp, torch.zeros((), dtype=dtype, device=device))
+    conc = terms.sum((-1, -2))  # padded observations have no contributing dose: 0
     # parameters this batch's doses do not need (ka without depot doses, dur/rate without infusions) stay in the
     # graph with a zero gradient, so torch.autograd.grad over them does not fail for such a shard
     never = torch.zeros_like(ev.obs_mask)
     for k in sorted(set(p) - used):
         conc = conc + torch.where(never, p[k], torch.zeros((), dtype=dtype, device=device))
     return conc
+
+
+@dataclass(frozen=True)
+class _Design:
+    """The data-only tensors of the superposition, built once per :class:`Events` (``Events.memo``)."""
+
+    dm: torch.Tensor  # [N, D] real doses
+    dr: torch.Tensor  # [N, D] dose_rate
+    route1: torch.Tensor  # [N, D] into the depot
+    data_inf: torch.Tensor
+    rate_mod: torch.Tensor
+    dur_mod: torch.Tensor
+    is_inf: torch.Tensor
+    amt: torch.Tensor  # [N, 1, D] amounts (0 at padding)
+    contrib: torch.Tensor  # [N, J, D] epoch/order mask
+    delta: torch.Tensor  # [N, J, D] t_obs − t_dose
+    mask: torch.Tensor  # contrib & Δ ≥ 0 (no lag)
+    dt: torch.Tensor  # [N, J, D, 1] safe Δ (no lag)
+    dt_phi: torch.Tensor  # dt with its zeros (a dose at the observation's time) replaced by 1: see _divdiff
+    ss4: torch.Tensor  # [N, 1, D, 1] steady-state doses
+    tau: torch.Tensor  # [N, 1, D, 1] safe interval
+    bad_inf: bool
+    any_route1: bool
+    any_rate_mod: bool
+    any_dur_mod: bool
+    bad_ii: bool
+    any_inf: bool
+    any_ss: bool
+    any_bolus: bool  # route-0 doses that are not infusions
+
+
+def _design(ev: Events, dtype: torch.dtype) -> _Design:
+    dm = ev.dose_mask
+    dr = ev.dose_rate.to(dtype)
+    route1 = dm & (ev.dose_route == 1)
+    data_inf, rate_mod, dur_mod = dm & (dr > 0), dm & (dr == -1), dm & (dr == -2)
+    is_inf = data_inf | rate_mod | dur_mod
+    ss = dm & (ev.dose_ss > 0)
+    ii = ev.dose_ii.to(dtype)
+    flags = torch.stack([(route1 & (dr != 0)).any(), route1.any(), rate_mod.any(), dur_mod.any(),
+                         (ss & ~(ii > 0)).any(), (is_inf & ~route1).any(), ss.any(),
+                         (dm & ~route1 & ~is_inf).any()]).tolist()
+    amt = torch.where(dm, ev.dose_amt.to(dtype), torch.zeros_like(dr))[:, None, :]
+    contrib = ev.contributes()
+    delta = ev.obs_time.to(dtype)[:, :, None] - ev.dose_time.to(dtype)[:, None, :]
+    mask = contrib & (delta >= 0)
+    dt = torch.where(mask, delta, torch.ones_like(delta))[..., None]  # safe Δ = 1: away from φ's Taylor branch
+    dt_phi = torch.where(dt == 0, torch.ones_like(dt), dt)
+    ss4 = ss[:, None, :, None]
+    tau = torch.where(ss, ii, torch.ones_like(ii))[:, None, :, None]
+    return _Design(dm, dr, route1, data_inf, rate_mod, dur_mod, is_inf, amt, contrib, delta, mask, dt, dt_phi, ss4,
+                   tau,
+                   *flags)

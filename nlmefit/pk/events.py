@@ -14,11 +14,17 @@ every record at the same time). Lag time shifts a dose's effect, not this data-o
 """
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 
 __all__ = ["Events"]
+
+#: id(events) -> (weak reference, memo); outside the object so that ``Events(**ev.__dict__)`` still works
+_MEMOS: dict[int, tuple[weakref.ref, dict[str, Any]]] = {}
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,19 @@ class Events:
     def index(self, idx: torch.Tensor | slice) -> Events:
         """The events of a subset of subjects (a shard)."""
         return replace(self, **{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+
+    def memo(self, key: str, build: Callable[[], Any]) -> Any:
+        """``build()``, computed once per Events object and kept on it (the tensors of an Events are never changed
+        in place: :meth:`to` and :meth:`index` make new objects with empty memos). Solvers keep their data-only
+        design tensors here, so that an objective evaluated hundreds of times on one data set builds them once."""
+        entry = _MEMOS.get(id(self))
+        if entry is None or entry[0]() is not self:
+            entry = _MEMOS[id(self)] = (weakref.ref(self), {})
+            weakref.finalize(self, _MEMOS.pop, id(self), None)
+        memo = entry[1]
+        if key not in memo:
+            memo[key] = build()
+        return memo[key]
 
     def contributes(self) -> torch.Tensor:
         """[N, J, D] bool: dose d counts towards observation j (same epoch, dose first, both real)."""
