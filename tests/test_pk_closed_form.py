@@ -478,3 +478,76 @@ def test_unused_parameters_stay_in_graph():
     grads = dict(zip(p, torch.autograd.grad(concentration(p, ev, 2, True).sum(), list(p.values()))))
     assert all(float(grads[k].abs().sum()) == 0 for k in ("ka", "dur", "rate"))
     assert all(float(grads[k].abs().sum()) > 0 for k in ("cl", "v", "q", "vp", "f", "tlag"))
+
+
+# ------------------------------------------------------------------------------------- 8. dose-anchored evaluation
+
+
+def _anchored_cases():
+    """Multiple-dose subjects (fewer dose slots than observations) mixing bolus and depot doses, SS=1 resets, SS=2
+    additions, EVID 3 resets, a dose at an observation's time (dose first and observation first), lag and F."""
+    obs = [0.0, 0.5, 2.0, 6.0, 12.0, 13.0, 24.0, 25.0, 30.0, 48.0, 49.5, 60.0, 72.0, 96.0]
+    return [
+        dict(doses=[dict(time=12.0 * k, amt=100.0, route=1) for k in range(5)], obs=obs),
+        dict(doses=[dict(time=0.0, amt=100.0), dict(time=12.0, amt=60.0, route=1),
+                    dict(time=24.0, amt=80.0, route=1, ss=1, ii=12.0), dict(time=48.0, amt=50.0, obs_first=True)],
+             obs=obs),
+        dict(doses=[dict(time=0.0, amt=70.0, route=1), dict(time=6.0, amt=70.0, route=1, ss=2, ii=6.0),
+                    dict(time=30.0, amt=40.0)], obs=obs, resets=[25.0]),
+        dict(doses=[dict(time=24.0, amt=30.0, route=1, ss=1, ii=24.0), dict(time=48.0, amt=30.0, route=1)],
+             obs=obs[:9]),
+    ]
+
+
+@pytest.mark.parametrize("ncmt", [1, 2, 3])
+@pytest.mark.parametrize("extra", [(), ("f", "tlag")])
+def test_anchored_equals_per_observation_superposition(ncmt, extra, monkeypatch):
+    """The O(D² + J) dose-anchored evaluation (used when there are fewer dose slots than observations and the
+    parameters are per subject) equals the O(J·D) per-observation one: values, gradients and second derivatives
+    to rounding (1e-12 relative; the two sum the same terms in a different order)."""
+    import nlmefit.pk.closed_form as cf
+
+    subjects = _anchored_cases()
+    plist = [dict(P_A, f=0.8, tlag=0.7), dict(P_B, f=0.6, tlag=1.3), dict(P_SS[0], f=1.0, tlag=0.5),
+             dict(P_SS[1], f=0.9, tlag=0.0)]
+    names = NAMES[ncmt] + ("ka",) + extra
+    ev = make_events(subjects)
+    d = cf._design(ev, DT)
+    p0 = {k: v for k, v in params_for(plist, ncmt, True).items() if k in names}
+    assert cf._anchored_applies(p0, d, ev)
+
+    def derivs(fast: bool):
+        monkeypatch.setattr(cf, "_anchored_applies", (lambda *a: True) if fast else (lambda *a: False))
+        p = {k: v.clone().requires_grad_(True) for k, v in p0.items()}
+        c = concentration(p, make_events(subjects), ncmt, True)
+        w = torch.linspace(0.5, 1.5, c.numel(), dtype=DT).reshape(c.shape)
+        g = torch.autograd.grad((c * w).sum(), list(p.values()), create_graph=True)
+        gsum = sum(x.sum() for x in g)
+        h = torch.autograd.grad(gsum, list(p.values()))
+        return c.detach(), torch.cat([x.detach().flatten() for x in g]), torch.cat([x.flatten() for x in h])
+
+    c_fast, g_fast, h_fast = derivs(True)
+    c_slow, g_slow, h_slow = derivs(False)
+    assert (c_slow > 0).any() and (c_slow == 0).any()  # the cases reach both: counted doses and none
+    torch.testing.assert_close(c_fast, c_slow, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(g_fast, g_slow, rtol=1e-11, atol=1e-13)
+    torch.testing.assert_close(h_fast, h_slow, rtol=1e-10, atol=1e-12)
+
+
+def test_anchored_used_only_where_it_applies():
+    import nlmefit.pk.closed_form as cf
+
+    subjects = _anchored_cases()
+    ev = make_events(subjects)
+    p = params_for([P_A] * 4, 2, True)
+    d = cf._design(ev, DT)
+    assert cf._anchored_applies(p, d, ev)
+    j = ev.obs_time.shape[1]
+    per_obs = {**p, "cl": p["cl"].expand(4, j)}
+    assert not cf._anchored_applies(per_obs, d, ev)  # per-observation parameters: the general path
+    inf = make_events(subjects + [dict(doses=[dict(time=0.0, amt=10.0, rate=5.0)], obs=[1.0])])
+    assert not cf._anchored_applies(p, cf._design(inf, DT), inf)  # infusions: the general path
+    one = make_events([dict(doses=[dict(time=0.0, amt=10.0)], obs=[1.0, 2.0, 3.0])])
+    assert not cf._anchored_applies(p, cf._design(one, DT), one)  # one dose slot: nothing to gain
+    shuffled = Events(**{**ev.__dict__, "dose_time": ev.dose_time.flip(-1)})
+    assert not cf._anchored_applies(p, cf._design(shuffled, DT), shuffled)  # slots out of time order

@@ -125,6 +125,9 @@ def concentration(params: Mapping[str, torch.Tensor], events: Events, ncmt: int,
     if d.bad_ii:
         raise ModelSpecError("steady-state doses (SS=1/2) need an interval II > 0")
 
+    if _anchored_applies(p, d, events):
+        return _anchored(p, events, ncmt, oral, dtype)
+
     def per_dose(x: torch.Tensor) -> torch.Tensor:  # [N, J'] parameter → [N, J', 1]; scalars stay scalars
         return x[..., None] if x.dim() == 2 else x
 
@@ -197,10 +200,140 @@ def concentration(params: Mapping[str, torch.Tensor], events: Events, ncmt: int,
     conc = terms.sum((-1, -2))  # padded observations have no contributing dose: 0
     # parameters this batch's doses do not need (ka without depot doses, dur/rate without infusions) stay in the
     # graph with a zero gradient, so torch.autograd.grad over them does not fail for such a shard
-    never = torch.zeros_like(ev.obs_mask)
+    return _keep_in_graph(conc, p, used)
+
+
+def _keep_in_graph(conc: torch.Tensor, p: Mapping[str, torch.Tensor], used: set[str]) -> torch.Tensor:
+    """Parameters this batch's doses do not need (ka without depot doses, dur/rate without infusions) stay in the
+    graph with a zero gradient, so torch.autograd.grad over them does not fail for such a shard."""
+    never = torch.zeros((), dtype=torch.bool, device=conc.device)
+    zero = torch.zeros((), dtype=conc.dtype, device=conc.device)
     for k in sorted(set(p) - used):
-        conc = conc + torch.where(never, p[k], torch.zeros((), dtype=dtype, device=device))
+        conc = conc + torch.where(never, p[k], zero)
     return conc
+
+
+# ---------------------------------------------------------------------------------------------- anchored doses
+def _anchored_applies(p: Mapping[str, torch.Tensor], d: _Design, ev: Events) -> bool:
+    """The dose-anchored evaluation applies (and pays) when every parameter is per subject, there is no infusion,
+    the dose slots are in time order and there are fewer dose slots than observation slots (D² + J < J·D)."""
+    n_dose, n_obs = ev.dose_time.shape[-1], ev.obs_time.shape[-1]
+    if d.any_inf or not (2 <= n_dose < n_obs) or not d.doses_sorted:
+        return False
+    return all(v.dim() == 0 or v.shape[-1] == 1 for v in p.values())
+
+
+@dataclass(frozen=True)
+class _Anchors:
+    """Data-only tensors of the dose-anchored evaluation (``Events.memo``)."""
+
+    mask: torch.Tensor  # [N, D(a), D(i), 1] dose i counts in the state just after dose a (i ≤ a, same epoch)
+    s: torch.Tensor  # [N, D, D, 1] t_a − t_i (1 where not counted)
+    s_phi: torch.Tensor  # s with its zeros replaced by 1 (see _divdiff)
+
+
+def _anchors(ev: Events, dtype: torch.dtype) -> _Anchors:
+    n_dose = ev.dose_time.shape[-1]
+    idx = torch.arange(n_dose, device=ev.dose_time.device)
+    dm, ep, t = ev.dose_mask, ev.dose_epoch, ev.dose_time.to(dtype)
+    mask = (idx[None, :, None] >= idx[None, None, :]) & dm[:, :, None] & dm[:, None, :] \
+        & (ep[:, :, None] == ep[:, None, :])
+    s = torch.where(mask, t[:, :, None] - t[:, None, :], torch.ones((), dtype=dtype, device=t.device))[..., None]
+    return _Anchors(mask[..., None], s, torch.where(s == 0, torch.ones_like(s), s))
+
+
+def _last_dose(mask: torch.Tensor, delta: torch.Tensor, lag: torch.Tensor | None):
+    """Per observation: the last dose that counts (index [N, J]), whether there is one, and the time since its
+    effect Δ [N, J, 1] (1 where there is none)."""
+    n_dose = mask.shape[-1]
+    idx = torch.where(mask, torch.arange(n_dose, device=mask.device), -1).amax(-1)
+    valid = idx >= 0
+    idx = idx.clamp(min=0)
+    dlt = torch.gather(delta, -1, idx[..., None])
+    if lag is not None:
+        dlt = dlt - lag[..., None]
+    return idx, valid, torch.where(valid[..., None], dlt, torch.ones((), dtype=delta.dtype, device=delta.device))
+
+
+def _anchored(p: Mapping[str, torch.Tensor], ev: Events, ncmt: int, oral: bool, dtype: torch.dtype) -> torch.Tensor:
+    """The superposition evaluated at the doses, then carried to the observations: O(D² + J) per subject.
+
+    A linear model's state after dose a (at its effect time t_a + tlag) is, per exponential k, three sums over the
+    doses i ≤ a of a's reset epoch (s = t_a − t_i; a steady-state dose i contributes its implied predecessors too,
+    with the same w(x) = 1/(1 − e^{−xτ}) as above):
+
+    * central from boluses ``B_k = Σ f·amt_i·e^{−λ_k s}·[w(λ_k)]``,
+    * depot ``G = Σ f·amt_i·e^{−k_a s}·[w(k_a)]``,
+    * central from the depot ``E_k = Σ f·amt_i·(D(λ_k,k_a;s)·[w(λ_k)] + [e^{−k_a s}·D(λ_k,k_a;τ)·w(λ_k)·w(k_a)])``;
+
+    an observation Δ after the effect of its last counted dose a then sees
+    ``C = Σ_k A_k·(e^{−λ_k Δ}·(B_k + k_a E_k) + k_a·D(λ_k,k_a;Δ)·G)``, because
+    D(λ,k_a;s+Δ) = e^{−λΔ}·D(λ,k_a;s) + e^{−k_a s}·D(λ,k_a;Δ) (the divided difference of the propagated state).
+    Equal to the per-observation superposition to rounding (tests/test_pk_closed_form.py); the doses counted for
+    an observation are always those of its epoch up to its last counted dose, so its epoch rules carry over."""
+    d = ev.memo(f"closed_form:{dtype}", lambda: _design(ev, dtype))
+    an = ev.memo(f"closed_form_anchors:{dtype}", lambda: _anchors(ev, dtype))
+    lag = p.get("tlag")
+    if lag is None:
+        mask = d.mask
+    else:
+        mask = d.contrib & ((d.delta - lag.detach()[..., None]) >= 0)  # as the general path
+    idx, valid, dlt = _last_dose(mask, d.delta, lag)  # [N, J], [N, J], [N, J, 1]
+
+    lam, a_coef = macro_constants({k: p[k] for k in PK_PARAMS[ncmt]}, ncmt)  # [N, 1, K] or [K]
+    lam4 = lam[..., None, :] if lam.dim() >= 2 else lam  # [N, 1, 1, K]
+    amt = d.amt[..., None]  # [N, 1, D(i), 1]
+    if "f" in p:
+        f = p["f"]
+        amt = amt * (f[..., None, None] if f.dim() else f)
+    ss, tau = d.ss4, d.tau  # [N, 1, D, 1]
+    zero = torch.zeros((), dtype=dtype, device=lam.device)
+    if d.any_ss:
+        w_lam = 1 / -torch.expm1(-lam4 * tau)
+
+    n_obs = idx.shape[-1]
+
+    def at_obs(state: torch.Tensor) -> torch.Tensor:  # [N, D, K'] → the state of each observation's dose [N, J, K']
+        # the events may be shared by all subjects (N = 1 there, as for simulated regimens): gather does not broadcast
+        return torch.gather(state, 1, idx[..., None].expand(state.shape[0], n_obs, state.shape[-1]))
+
+    used = set(PK_PARAMS[ncmt]) | {"f", "tlag"}
+    lam_j = lam  # [N, 1, K]: broadcasts against [N, J, K]
+    e_obs = torch.exp(-lam_j * dlt)  # [N, J, K]
+    central = None  # B + k_a E, [N, J, K]
+    if d.any_bolus:
+        bolus = an.mask & ~d.route1[:, None, :, None]
+        resp = torch.exp(-lam4 * an.s)
+        if d.any_ss:
+            resp = resp * torch.where(ss, w_lam, torch.ones_like(w_lam))
+        central = at_obs(torch.where(bolus, amt * resp, zero).sum(2))
+    conc = None
+    if oral and d.any_route1:
+        used.add("ka")
+        ka = p["ka"]
+        ka3 = ka[..., None] if ka.dim() else ka  # [N, 1, 1]
+        ka4 = ka3[..., None] if ka.dim() else ka  # [N, 1, 1, 1]
+        depot = an.mask & d.route1[:, None, :, None]
+        g = torch.exp(-ka4 * an.s)
+        e = _divdiff(lam4, ka4, an.s, an.s_phi)
+        if d.any_ss:
+            w_ka = 1 / -torch.expm1(-ka4 * tau)
+            e = torch.where(ss, e * w_lam + g * _divdiff(lam4, ka4, tau) * w_lam * w_ka, e)
+            g = torch.where(ss, g * w_ka, g)
+        g_obs = at_obs(torch.where(depot, amt * g, zero).sum(2))  # [N, J, 1]
+        e_obs_state = at_obs(torch.where(depot, amt * e, zero).sum(2))  # [N, J, K]
+        from_depot = ka3 * e_obs_state
+        central = from_depot if central is None else central + from_depot
+        dphi = None if lag is not None else ev.memo(f"closed_form_dphi:{dtype}",
+                                                    lambda: torch.where(dlt == 0, torch.ones_like(dlt), dlt))
+        conc = ka3 * _divdiff(lam_j, ka3, dlt, dphi) * g_obs
+    if central is not None:
+        conc = e_obs * central if conc is None else conc + e_obs * central
+    if conc is None:
+        conc = torch.zeros_like(e_obs)
+    conc = (a_coef * conc).sum(-1)
+    conc = torch.where(valid, conc, zero)
+    return _keep_in_graph(conc, p, used)
 
 
 @dataclass(frozen=True)
@@ -230,6 +363,7 @@ class _Design:
     any_inf: bool
     any_ss: bool
     any_bolus: bool  # route-0 doses that are not infusions
+    doses_sorted: bool  # real dose slots in (time, seq) order within each subject
 
 
 def _design(ev: Events, dtype: torch.dtype) -> _Design:
@@ -249,8 +383,12 @@ def _design(ev: Events, dtype: torch.dtype) -> _Design:
     mask = contrib & (delta >= 0)
     dt = torch.where(mask, delta, torch.ones_like(delta))[..., None]  # safe Δ = 1: away from φ's Taylor branch
     dt_phi = torch.where(dt == 0, torch.ones_like(dt), dt)
+    t, q = ev.dose_time.to(dtype), ev.dose_seq
+    pair = dm[:, 1:] & dm[:, :-1]
+    in_order = (t[:, 1:] > t[:, :-1]) | ((t[:, 1:] == t[:, :-1]) & (q[:, 1:] > q[:, :-1]))
+    later_real = dm[:, 1:] & ~dm[:, :-1]  # a real dose after a padded slot: not the Panel's layout
+    doses_sorted = bool((~pair | in_order).all()) and not bool(later_real.any())
     ss4 = ss[:, None, :, None]
     tau = torch.where(ss, ii, torch.ones_like(ii))[:, None, :, None]
     return _Design(dm, dr, route1, data_inf, rate_mod, dur_mod, is_inf, amt, contrib, delta, mask, dt, dt_phi, ss4,
-                   tau,
-                   *flags)
+                   tau, *flags, doses_sorted)
