@@ -35,6 +35,19 @@ Doses (NONMEM conventions, as on the ODE path :func:`nlmefit.pk.ode.solve`): the
 infusion (``dose_rate`` > 0) keeps its rate and lasts ``f·amt/rate``; ``dose_rate`` −1 takes the rate from
 ``params['rate']`` (duration ``f·amt/rate``), −2 the duration from ``params['dur']`` (rate ``f·amt/dur``).
 Tensors are ``[N, J, D, ncmt]`` (observations × doses × exponentials); memory is O(J·D) per subject.
+
+Multiple-dose data (fewer dose slots than observation slots, per-subject parameters, no infusion) take the
+dose-anchored evaluation instead (:func:`_anchored`): the same sums evaluated at the doses (the state just after each
+dose, over the P ≤ D(D+1)/2 counted dose pairs) and carried to each observation from its last counted dose, O(P + J)
+per subject. Same values and derivatives to rounding (tested to 1e-12). Measured (FOCE-I from automatic starts, one
+thread, 2-core x86_64): full Oral_1CPT (120 subjects, 58 observation and 8–12 dose slots) 7.6 → 2.4 s, full
+Oral_2CPT 8.6 → 7.1 s, i.e. 3.3× and 3.2× their single-dose subsets (≈ 3× the observations).
+
+Graph size matters more than arithmetic for small problems (every per-subject Hessian is q backward passes through
+this graph): data-only tensors are built once per :class:`Events` (``Events.memo``), φ's Taylor branch enters the
+graph only when an argument is below 1e-3 (safe arguments of masked entries are 1, and an observation at its dose's
+time gets φ(1) times s = 0), and each dose kind's response is computed only when the data have such doses — 76 → 56
+autograd nodes for theophylline's η-objective, FOCE-I fit with covariance step 0.60 → 0.45 s.
 """
 from __future__ import annotations
 
@@ -225,21 +238,38 @@ def _anchored_applies(p: Mapping[str, torch.Tensor], d: _Design, ev: Events) -> 
 
 @dataclass(frozen=True)
 class _Anchors:
-    """Data-only tensors of the dose-anchored evaluation (``Events.memo``)."""
+    """Data-only tensors of the dose-anchored evaluation (``Events.memo``): the pairs (a, i) of dose slots with dose
+    i counted in the state just after dose a (i ≤ a, same reset epoch, both real), packed per subject and padded
+    to the largest count P (≤ D(D+1)/2; a reset or SS=1 dose shortens it)."""
 
-    mask: torch.Tensor  # [N, D(a), D(i), 1] dose i counts in the state just after dose a (i ≤ a, same epoch)
-    s: torch.Tensor  # [N, D, D, 1] t_a − t_i (1 where not counted)
+    anchor: torch.Tensor  # [N, P] a (0 at padding)
+    valid: torch.Tensor  # [N, P, 1] a real pair
+    s: torch.Tensor  # [N, P, 1] t_a − t_i (1 at padding)
     s_phi: torch.Tensor  # s with its zeros replaced by 1 (see _divdiff)
+    amt: torch.Tensor  # [N, P, 1] amount of dose i (0 at padding)
+    route1: torch.Tensor  # [N, P, 1] dose i into the depot
+    ss: torch.Tensor  # [N, P, 1] dose i at steady state
+    tau: torch.Tensor  # [N, P, 1] its interval (1 if none)
 
 
-def _anchors(ev: Events, dtype: torch.dtype) -> _Anchors:
-    n_dose = ev.dose_time.shape[-1]
+def _anchors(ev: Events, d: _Design, dtype: torch.dtype) -> _Anchors:
+    n, n_dose = ev.dose_time.shape
     idx = torch.arange(n_dose, device=ev.dose_time.device)
     dm, ep, t = ev.dose_mask, ev.dose_epoch, ev.dose_time.to(dtype)
-    mask = (idx[None, :, None] >= idx[None, None, :]) & dm[:, :, None] & dm[:, None, :] \
-        & (ep[:, :, None] == ep[:, None, :])
-    s = torch.where(mask, t[:, :, None] - t[:, None, :], torch.ones((), dtype=dtype, device=t.device))[..., None]
-    return _Anchors(mask[..., None], s, torch.where(s == 0, torch.ones_like(s), s))
+    mask = ((idx[None, :, None] >= idx[None, None, :]) & dm[:, :, None] & dm[:, None, :]
+            & (ep[:, :, None] == ep[:, None, :])).reshape(n, n_dose * n_dose)
+    n_pairs = max(int(mask.sum(-1).amax()), 1)
+    sel = torch.sort(mask.to(torch.int8), dim=-1, descending=True, stable=True).indices[:, :n_pairs]
+    valid = torch.gather(mask, 1, sel)
+    anchor, dose = torch.where(valid, sel // n_dose, 0), torch.where(valid, sel % n_dose, 0)
+
+    def take(x: torch.Tensor, fill) -> torch.Tensor:  # per-dose [N, D] → per pair [N, P, 1]
+        return torch.where(valid, torch.gather(x, 1, dose), fill)[..., None]
+
+    s = torch.where(valid, torch.gather(t, 1, anchor) - torch.gather(t, 1, dose), 1.0)[..., None]
+    return _Anchors(anchor, valid[..., None], s, torch.where(s == 0, torch.ones_like(s), s),
+                    take(d.amt[:, 0, :], 0.0), take(d.route1, False), take(d.ss4[:, 0, :, 0], False),
+                    take(d.tau[:, 0, :, 0], 1.0))
 
 
 def _last_dose(mask: torch.Tensor, delta: torch.Tensor, lag: torch.Tensor | None):
@@ -256,7 +286,8 @@ def _last_dose(mask: torch.Tensor, delta: torch.Tensor, lag: torch.Tensor | None
 
 
 def _anchored(p: Mapping[str, torch.Tensor], ev: Events, ncmt: int, oral: bool, dtype: torch.dtype) -> torch.Tensor:
-    """The superposition evaluated at the doses, then carried to the observations: O(D² + J) per subject.
+    """The superposition evaluated at the doses, then carried to the observations: O(P + J) per subject (P ≤ D(D+1)/2
+    counted dose pairs).
 
     A linear model's state after dose a (at its effect time t_a + tlag) is, per exponential k, three sums over the
     doses i ≤ a of a's reset epoch (s = t_a − t_i; a steady-state dose i contributes its implied predecessors too,
@@ -272,7 +303,7 @@ def _anchored(p: Mapping[str, torch.Tensor], ev: Events, ncmt: int, oral: bool, 
     Equal to the per-observation superposition to rounding (tests/test_pk_closed_form.py); the doses counted for
     an observation are always those of its epoch up to its last counted dose, so its epoch rules carry over."""
     d = ev.memo(f"closed_form:{dtype}", lambda: _design(ev, dtype))
-    an = ev.memo(f"closed_form_anchors:{dtype}", lambda: _anchors(ev, dtype))
+    an = ev.memo(f"closed_form_anchors:{dtype}", lambda: _anchors(ev, d, dtype))
     lag = p.get("tlag")
     if lag is None:
         mask = d.mask
@@ -281,52 +312,50 @@ def _anchored(p: Mapping[str, torch.Tensor], ev: Events, ncmt: int, oral: bool, 
     idx, valid, dlt = _last_dose(mask, d.delta, lag)  # [N, J], [N, J], [N, J, 1]
 
     lam, a_coef = macro_constants({k: p[k] for k in PK_PARAMS[ncmt]}, ncmt)  # [N, 1, K] or [K]
-    lam4 = lam[..., None, :] if lam.dim() >= 2 else lam  # [N, 1, 1, K]
-    amt = d.amt[..., None]  # [N, 1, D(i), 1]
+    amt = an.amt  # [N, P, 1]
     if "f" in p:
         f = p["f"]
-        amt = amt * (f[..., None, None] if f.dim() else f)
-    ss, tau = d.ss4, d.tau  # [N, 1, D, 1]
+        amt = amt * (f[..., None] if f.dim() else f)
+    ss, tau = an.ss, an.tau
     zero = torch.zeros((), dtype=dtype, device=lam.device)
     if d.any_ss:
-        w_lam = 1 / -torch.expm1(-lam4 * tau)
+        w_lam = 1 / -torch.expm1(-lam * tau)  # [N, P, K]
+    n_dose, n_obs = ev.dose_time.shape[-1], idx.shape[-1]
 
-    n_obs = idx.shape[-1]
-
-    def at_obs(state: torch.Tensor) -> torch.Tensor:  # [N, D, K'] → the state of each observation's dose [N, J, K']
-        # the events may be shared by all subjects (N = 1 there, as for simulated regimens): gather does not broadcast
-        return torch.gather(state, 1, idx[..., None].expand(state.shape[0], n_obs, state.shape[-1]))
+    def state(per_pair: torch.Tensor) -> torch.Tensor:
+        """Σ over the counted doses of each anchor, carried to each observation's last dose: [N, P, K'] → [N, J, K']."""
+        nn, kk = per_pair.shape[0], per_pair.shape[-1]
+        at_dose = torch.zeros(nn, n_dose, kk, dtype=per_pair.dtype, device=per_pair.device)
+        # the events may be shared by all subjects (N = 1 there, as for simulated regimens): index ops do not broadcast
+        at_dose = at_dose.scatter_add(1, an.anchor[..., None].expand(nn, -1, kk), per_pair)
+        return torch.gather(at_dose, 1, idx[..., None].expand(nn, n_obs, kk))
 
     used = set(PK_PARAMS[ncmt]) | {"f", "tlag"}
-    lam_j = lam  # [N, 1, K]: broadcasts against [N, J, K]
-    e_obs = torch.exp(-lam_j * dlt)  # [N, J, K]
-    central = None  # B + k_a E, [N, J, K]
+    e_obs = torch.exp(-lam * dlt)  # [N, J, K]
+    central = None  # B + k_a E at each observation's last dose, [N, J, K]
     if d.any_bolus:
-        bolus = an.mask & ~d.route1[:, None, :, None]
-        resp = torch.exp(-lam4 * an.s)
+        resp = torch.exp(-lam * an.s)
         if d.any_ss:
             resp = resp * torch.where(ss, w_lam, torch.ones_like(w_lam))
-        central = at_obs(torch.where(bolus, amt * resp, zero).sum(2))
+        central = state(torch.where(an.valid & ~an.route1, amt * resp, zero))
     conc = None
     if oral and d.any_route1:
         used.add("ka")
         ka = p["ka"]
         ka3 = ka[..., None] if ka.dim() else ka  # [N, 1, 1]
-        ka4 = ka3[..., None] if ka.dim() else ka  # [N, 1, 1, 1]
-        depot = an.mask & d.route1[:, None, :, None]
-        g = torch.exp(-ka4 * an.s)
-        e = _divdiff(lam4, ka4, an.s, an.s_phi)
+        depot = an.valid & an.route1
+        g = torch.exp(-ka3 * an.s)  # [N, P, 1]
+        e = _divdiff(lam, ka3, an.s, an.s_phi)  # [N, P, K]
         if d.any_ss:
-            w_ka = 1 / -torch.expm1(-ka4 * tau)
-            e = torch.where(ss, e * w_lam + g * _divdiff(lam4, ka4, tau) * w_lam * w_ka, e)
+            w_ka = 1 / -torch.expm1(-ka3 * tau)
+            e = torch.where(ss, e * w_lam + g * _divdiff(lam, ka3, tau) * w_lam * w_ka, e)
             g = torch.where(ss, g * w_ka, g)
-        g_obs = at_obs(torch.where(depot, amt * g, zero).sum(2))  # [N, J, 1]
-        e_obs_state = at_obs(torch.where(depot, amt * e, zero).sum(2))  # [N, J, K]
-        from_depot = ka3 * e_obs_state
+        g_obs = state(torch.where(depot, amt * g, zero))  # [N, J, 1]
+        from_depot = ka3 * state(torch.where(depot, amt * e, zero))  # [N, J, K]
         central = from_depot if central is None else central + from_depot
         dphi = None if lag is not None else ev.memo(f"closed_form_dphi:{dtype}",
                                                     lambda: torch.where(dlt == 0, torch.ones_like(dlt), dlt))
-        conc = ka3 * _divdiff(lam_j, ka3, dlt, dphi) * g_obs
+        conc = ka3 * _divdiff(lam, ka3, dlt, dphi) * g_obs
     if central is not None:
         conc = e_obs * central if conc is None else conc + e_obs * central
     if conc is None:
