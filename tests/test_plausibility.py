@@ -44,6 +44,20 @@ def test_quiet_on_plausible_estimates_and_thresholds_are_options():
     assert plausibility_warnings(pset, est, covariance_requested=False, covariance_ok=False) == []
 
 
+def test_gradient_threshold_grows_with_the_square_root_of_the_observations():
+    """0.05 per e-fold up to 1000 observations, 0.05·√(n/1000) above: a million subjects' fit (10 million
+    observations) stopping at |g| = 0.15 on σ (an OFV change of 1e-8 relative) is not flagged, a small fit is."""
+    pset = _model().parameters
+    est = pd.Series({"cl": 2.0, "v": 30.0, "ka": 1.5, "omega_cl": 0.1, "omega_v": 0.1, "omega_ka": 0.2,
+                     "sigma_add": 0.5})
+    g = {"sigma_add": 0.15}
+    assert len(plausibility_warnings(pset, est, gradient=g, n_obs=132)) == 1
+    assert len(plausibility_warnings(pset, est, gradient=g, n_obs=1000)) == 1
+    assert plausibility_warnings(pset, est, gradient=g, n_obs=10_000_000) == []
+    msg = plausibility_warnings(pset, est, gradient={"sigma_add": 6.0}, n_obs=10_000_000)[0]
+    assert "(> 5;" in msg  # the threshold it used
+
+
 def test_ofv_gradient_vanishes_at_the_focei_optimum_only():
     model = nlmefit.library.get("1cmt_oral", error="additive")
     df = nlmefit.datasets.load("theophylline")

@@ -240,7 +240,7 @@ def build_result(estimator, model, data, p_hat, eta_hat, *, linearisation: Linea
     fit_warnings = plausibility_warnings(pset, pd.Series(pset.natural_dict(p_hat), dtype=float),
                                          eta_shrinkage=eta_shr, gradient=gradient,
                                          covariance_requested=estimator.covariance is not None,
-                                         covariance_ok=cov_ok, covariance_message=cov_msg)
+                                         covariance_ok=cov_ok, covariance_message=cov_msg, n_obs=data.n_obs)
     return FitResult(
         method=estimator.name, options=estimator.options(), estimates=pd.Series(pset.natural_dict(p_hat),
                                                                                 dtype=float),
