@@ -128,13 +128,46 @@ products, one dual level per solve):
   492 sensitivity solves at 116 ms (4 parameters → 15 columns, 0.25 ms an augmented-rhs call). −2LL at the
   estimates, rtol 1e-6 vs 1e-10: difference 8e-6.
 
-What is left: the time is now in the sensitivity solves of the mode search (~70 % of a fit), i.e. in the augmented
-right-hand side (the forward-AD pass on (P + 2M)·N rows, ~0.25 ms of mostly dispatcher overhead a call) and in the
-~50 steps a solve takes — at least one per observation, since steps land on the observation times (the dopri5
-quartic interpolant instead cut the steps by ~2× but its error is not controlled: the objective's noise then broke
-the line search again, 112 → 451 value solves; measured, not kept). The η-mode search uses the exact Hessian
-(:mod:`nlmefit.marginal.modes`), so it needs the second-order sensitivities; a Gauss–Newton Hessian while searching
-would need first order only (P + 1 instead of 1 + P + M columns) but is not this module's decision.
+Where an Oral_1CPTMM SD fit's time went (120 subjects, 2400 observations, ``1cmt_oral_mm``, 4 η → P = 4, K = 15;
+2-core x86_64, torch 2.13 CPU, one thread; cProfile of one auto-start FOCE-I fit, 53 s unprofiled): 98 % in the
+η-mode search, none worth naming in the −2LL (its solves are cache hits). 236 sensitivity solves (45 s: ~110 loop
+iterations of 6 augmented-rhs calls at 0.21 ms, of which the dual rhs itself 0.07 ms and the rest the building of
+the row blocks: concatenations of permuted views and a column ``torch.stack``) and 156 value-only solves (11.7 s,
+the line search's trial points; the first search's, at extreme η, hit the step cap and go to Rosenbrock). In steady
+state a search costs two sensitivity solves (at the warm start, at the converged η) and one value solve; one search
+of the 29 ran to ``max_iter``: a subject cycled between two iterates whose step counts differ by one (102/103), the
+line search accepting on the surrogate what the next fresh solve did not confirm (100 sensitivity solves, 11 s).
+Changes, same OFV 19889.777 (auto and truth start):
+
+================================================  =====================================================
+change                                            Oral_1CPTMM SD FOCE-I (auto start; profile run)
+================================================  =====================================================
+before                                            53 s (benchmark, load ~1: 70.9 s)
+mode search stops a subject whose fresh value      39.4 s with the two below: 135 instead of 233 Newton
+does not confirm the step (:mod:`nlmefit.         iterations, 171 sensitivity solves at 161 ms (190)
+marginal.modes`)
+augmented rhs built column-major ([S, K, N]:       0.21 → 0.16 ms a call (2cmt oral MM, P = 6: 0.48 →
+contiguous blocks), library rhs returns            0.40 ms; 1cmt iv MM 0.14 → 0.10 ms)
+``stack(cols).T`` (4x cheaper than stacking
+columns)
+dopri5 loop: scatter of the recorded outputs,      a few % of a value solve
+fewer temporaries
+================================================  =====================================================
+
+Benchmark after (``--sets bolus_1cpt bolus_1cptmm oral_1cpt oral_1cptmm --no-full``, same machine, load ~0.7):
+Bolus_1CPTMM 12.2 s (was ~20 s), Oral_1CPTMM 37.8 s (was 70.9 s), OFVs 20957.257 and 19889.777 from both starts.
+The linear counterparts (0.3 and 0.7 s in the same run, themselves sped up meanwhile) put the ratios at 35 and 54:
+the issue's 15x is not met. Oral_2CPTMM SD (``--sets oral_2cpt oral_2cptmm``): 75.8 s (was 119.8 s), OFV
+19302.411 from both starts, 35x Oral_2CPT's 2.2 s.
+
+What is left: the step count — a single subject needs 70–125 dopri5 iterations at rtol 1e-6 (median 90) for 20
+observations over 72 h: the depot (ka ≈ 1/h) holds the explicit steps at its stability limit (h·ka ≲ 3.3) long
+after it has emptied, where the controller hunts (accept/reject); a PI controller or a stiffness-aware switch is
+the next candidate. A Gauss–Newton η-Hessian during the search (first-order sensitivities only, K = 1 + P) was
+*not* done: the steady-state search already needs only two sensitivity solves, and Gauss–Newton converges
+linearly (the dropped Σ r/V·∂²f term), so it would need more, cheaper solves plus one second-order solve at the
+mode for the FOCE-I pieces — no measured gain to expect. The first search's trial points at extreme η (step cap,
+Rosenbrock: ~4 s) are the line search's business.
 
 Earlier measurement (tight tolerances): rtol 1e-10 / atol 1e-12 gives the linear 1–3-compartment systems to ~1e-10
 relative against matrix exponentials and closed forms (rtol 1e-8: ~2e-9); ``dopri8`` takes fewer steps but its error
@@ -456,14 +489,15 @@ def _dopri5_stops(f, y0: torch.Tensor, stops: torch.Tensor, rtol: float, atol, e
     for i, row in enumerate(_DP_A):
         a_mat[i, :len(row)] = torch.tensor(row, dtype=dt)
     e_vec = torch.tensor(_DP_E, dtype=dt, device=dev)
+    inf_m = torch.full_like(stops, math.inf)
     for _ in range(max_steps):
         if bool((done | failed).all()):
             break
-        nxt = torch.where(recorded, torch.full_like(stops, math.inf), stops).amin(1)
+        nxt = torch.where(recorded, inf_m, stops).amin(1)
         clip = s + h >= nxt
         hs = torch.where(clip, nxt - s, h)
         done = done | failed  # failed subjects stop where they are
-        hs = torch.where(done, torch.zeros_like(hs), hs)
+        hs = torch.where(done, 0.0, hs)
         kk[0] = k1
         hc = hs[:, None]
         for i in range(6):  # stage i+2 from the stages so far: one matrix product each
@@ -474,10 +508,9 @@ def _dopri5_stops(f, y0: torch.Tensor, stops: torch.Tensor, rtol: float, atol, e
         ratio = err_norm(hs[:, None] * err, y, y_new)
         finite = torch.isfinite(y_new).all(1) & torch.isfinite(ratio)
         accept = (ratio <= 1) & finite & ~done
-        factor = torch.where(ratio == 0, torch.full_like(ratio, 10.0),
-                             (0.9 * ratio.clamp_min(1e-300) ** -0.2).clamp(0.2, 10.0))
+        factor = (0.9 * ratio.clamp_min(1e-300) ** -0.2).clamp(0.2, 10.0)  # ratio 0: the cap 10
         factor = torch.where(accept, factor.clamp_min(1.0), factor)
-        factor = torch.where(finite, factor, torch.full_like(factor, 0.2))
+        factor = torch.where(finite, factor, 0.2)
         h_next = torch.where(accept, torch.maximum(h, hs) * factor, hs * factor)
         s = torch.where(accept, torch.where(clip, nxt, s + hs), s)
         y = torch.where(accept[:, None], y_new, y)
@@ -485,7 +518,8 @@ def _dopri5_stops(f, y0: torch.Tensor, stops: torch.Tensor, rtol: float, atol, e
         h = torch.where(done, h, h_next)
         failed = failed | (~done & (h <= 1e-14 * s.abs().clamp_min(1.0)))
         reach = ~recorded & (stops <= s[:, None])
-        out = torch.where(reach[..., None], y[:, None, :], out)
+        ri, rj = torch.nonzero(reach, as_tuple=True)  # a few (subject, stop) pairs a step: scatter, not a where
+        out[ri, rj] = y[ri]
         recorded = recorded | reach
         done = recorded.all(1)
     return out, done & ~failed

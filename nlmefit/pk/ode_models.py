@@ -48,7 +48,7 @@ def _mammillary(ncmt: int, oral: bool, elimination: Callable[[torch.Tensor, Para
             periph.append(flow)
         cols.append(dc)
         cols.extend(periph)
-        return torch.stack(cols, 1)
+        return torch.stack(cols).T  # [N, S] as a view of [S, N]: stacking rows is ~4x cheaper than columns
 
     names = (("depot",) if oral else ()) + ("central",) + ("periph1", "periph2")[: ncmt - 1]
     params = elim_params + ("v",) + ("q", "vp", "q2", "vp2")[: 2 * (ncmt - 1)] + (("ka",) if oral else ())
@@ -94,7 +94,7 @@ def transit(n_transit: int) -> OdeSystem:
         absorbed = p["ka"] * x[:, depot]
         cols.append(-absorbed if inflow is None else inflow - absorbed)
         cols.append(absorbed - p["cl"] / p["v"] * x[:, central])
-        return torch.stack(cols, 1)
+        return torch.stack(cols).T  # [N, S] as a view of [S, N] (see _mammillary)
 
     names = tuple(f"transit{i + 1}" for i in range(nt)) + ("depot", "central")
     return OdeSystem(n_states=nt + 2, rhs=rhs, depot=0, central=central, volume="v", names=names,
