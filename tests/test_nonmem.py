@@ -7,6 +7,8 @@ rounding, 1e-9 relative: the same arithmetic in another order). The pheno fits f
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 import shutil
 from pathlib import Path
@@ -153,7 +155,14 @@ def test_des_runs_on_the_ode_path_like_the_library_mm_model():
                               omega={"vm": 0.1, "v": 0.1, "ka": 0.1}, sigma={"prop": 0.2})
     a = run.fit(maxiter=0, covariance=None)
     b = nlmefit.fit(lib, df, maxiter=0, covariance=None)
-    assert a.ofv == pytest.approx(b.ofv, rel=1e-9)
+    # the library model integrates its depot in the integrating-factor coordinate (nlmefit.pk.ode), the translated
+    # $DES in plain amounts: the same OFV to the solver's tolerance (rtol 1e-6; measured 7e-9 relative)
+    assert a.ofv == pytest.approx(b.ofv, rel=1e-7)
+    lib_plain = copy.copy(lib)
+    lib_plain.structure = dataclasses.replace(lib.structure,
+                                              system=dataclasses.replace(lib.structure.system, absorption=None))
+    c = nlmefit.fit(lib_plain, df, maxiter=0, covariance=None)
+    assert a.ofv == pytest.approx(c.ofv, rel=1e-9)  # the same discretisation: equal to rounding
 
 
 # ---------------------------------------------------------------------------------------------- refusals

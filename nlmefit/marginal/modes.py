@@ -14,6 +14,10 @@ make the line search accept a step on a smooth local model — :mod:`nlmefit.pk.
 from its last sensitivity solve's Taylor surrogate — that the next fresh solve does not confirm; without this test
 such a subject cycled between two iterates until ``max_iter`` (Oral_1CPTMM: one subject, 100 sensitivity solves,
 ~20 % of the fit). An exact objective always decreases on an accepted Armijo step, so there nothing changes.
+
+Trial points stay within ``max_step`` (2.0 in every η; a factor e² on a log-normal parameter) of their iterate: a
+longer Newton step is shortened before the line search (a trust cap). Far trial points of an ODE model are its
+stiff, expensive solves (Oral_1CPTMM: the first search's went to the Rosenbrock fallback); the mode is the same.
 """
 from __future__ import annotations
 
@@ -42,6 +46,7 @@ def find_modes(
     tol: float = 1e-8,
     decrement_tol: float = 1e-11,
     max_halvings: int = 30,
+    max_step: float = 2.0,
 ) -> ModeResult:
     """Minimise ``objective(eta) -> [N]`` (subject-separable) from ``eta0`` [N, q].
 
@@ -99,7 +104,10 @@ def find_modes(
         if not bool(active.any()):
             break
         step = torch.where(active.unsqueeze(-1), step, torch.zeros_like(step))
-        alpha = torch.ones(n, dtype=eta.dtype, device=eta.device)
+        # trust cap: no trial point more than max_step from the iterate in any η (far trial points of an ODE model
+        # are the stiff, expensive solves); the Newton step itself is taken whenever it is within the cap
+        big = step.abs().amax(-1)
+        alpha = torch.where(big > max_step, max_step / big.clamp_min(1e-300), torch.ones_like(big))
         todo = active.clone()
         new_eta = eta.clone()
         new_val = val.clone()

@@ -53,7 +53,7 @@ def _mammillary(ncmt: int, oral: bool, elimination: Callable[[torch.Tensor, Para
     names = (("depot",) if oral else ()) + ("central",) + ("periph1", "periph2")[: ncmt - 1]
     params = elim_params + ("v",) + ("q", "vp", "q2", "vp2")[: 2 * (ncmt - 1)] + (("ka",) if oral else ())
     return OdeSystem(n_states=ncmt + o, rhs=rhs, depot=0 if oral else None, central=c, volume="v",
-                     names=names, params=params)
+                     names=names, params=params, absorption="ka" if oral else None)
 
 
 def linear(ncmt: int, oral: bool) -> OdeSystem:

@@ -48,13 +48,16 @@ class SensLayout:
 
 
 def augmented_rhs(rhs: Callable, lay: SensLayout, p: Mapping[str, torch.Tensor], t0: torch.Tensor,
-                  delta: torch.Tensor, u: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+                  delta: torch.Tensor, u: torch.Tensor, dual_time: bool = False
+                  ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """dy/ds [N, S, K] of the augmented system on a segment in rescaled time (``t0 + s·delta``, input ``u``).
 
     One forward-AD pass of ``rhs`` on nb = P + 2M row blocks: block a < P gives J·S_a + ∂f/∂p_a at (x, p), blocks
     P + m and P + M + m give J(z ± h_b w_b)(w_a ± h_b τ) for the pair m = (a, b). The blocks are built column-major
     (y as [K, N, S], one copy) so that every gather and concatenation moves contiguous [N, S] blocks: the call is
-    dispatcher-bound, and concatenating permuted views cost half of it.
+    dispatcher-bound, and concatenating permuted views cost half of it. ``dual_time``: hand ``rhs`` the time as a
+    dual with a zero tangent (for a right-hand side whose parameters meet the time in an op: a dual op with a plain
+    tensor takes torch's ~50x slower Python reference path).
     """
     P, M = lay.p, lay.m
     pv = torch.stack([p[k] for k in lay.names], -1)  # [N, P]
@@ -112,11 +115,13 @@ def augmented_rhs(rhs: Callable, lay: SensLayout, p: Mapping[str, torch.Tensor],
         t_rows = torch.cat([yk[:, 1:1 + P], sa + dtan, sa - dtan], 1).reshape(s_, nb * n).T
         t = (t0 + s * delta).expand(nb, n).reshape(nb * n)
         if "pd" in held:
-            up = fwAD.unpack_dual(rhs(t, fwAD.make_dual(x_rows, t_rows), held["pd"]))
+            td = fwAD.make_dual(t.clone(), torch.zeros_like(t)) if dual_time else t
+            up = fwAD.unpack_dual(rhs(td, fwAD.make_dual(x_rows, t_rows), held["pd"]))
             prim, tan = up.primal, up.tangent
         else:
             with fwAD.dual_level():
-                up = fwAD.unpack_dual(rhs(t, fwAD.make_dual(x_rows, t_rows), dual_params()))
+                td = fwAD.make_dual(t.clone(), torch.zeros_like(t)) if dual_time else t
+                up = fwAD.unpack_dual(rhs(td, fwAD.make_dual(x_rows, t_rows), dual_params()))
                 prim, tan = up.primal, up.tangent
         if tan is None:
             tan = torch.zeros_like(prim)
