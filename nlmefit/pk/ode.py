@@ -173,14 +173,14 @@ search's step cap (:mod:`nlmefit.marginal.modes`), same machine, one thread, ``-
 oral_1cptmm oral_2cpt oral_2cptmm``: Oral_1CPTMM 37.8 → 21.4 s, Oral_2CPTMM 75.8 → 56.2 s, OFVs 19889.777 and
 19302.411 from both starts as before (ratios to the linear sets' 0.7 and 2.1 s: 30 and 27).
 
-What was left before it: the step count — a single subject needs 70–125 dopri5 iterations at rtol 1e-6 (median 90) for 20
-observations over 72 h: the depot (ka ≈ 1/h) holds the explicit steps at its stability limit (h·ka ≲ 3.3) long
-after it has emptied, where the controller hunts (accept/reject); a PI controller or a stiffness-aware switch is
-the next candidate. A Gauss–Newton η-Hessian during the search (first-order sensitivities only, K = 1 + P) was
-*not* done: the steady-state search already needs only two sensitivity solves, and Gauss–Newton converges
-linearly (the dropped Σ r/V·∂²f term), so it would need more, cheaper solves plus one second-order solve at the
-mode for the FOCE-I pieces — no measured gain to expect. The first search's trial points at extreme η (step cap,
-Rosenbrock: ~4 s) are the line search's business.
+What was left before it: the step count — a single subject needs 70–125 dopri5 iterations at rtol 1e-6 (median 90)
+for 20 observations over 72 h: the depot (ka ≈ 1/h) holds the explicit steps at its stability limit (h·ka ≲ 3.3)
+long after it has emptied, where the controller hunts (accept/reject); a PI controller or a stiffness-aware switch
+is the next candidate. A Gauss–Newton η-Hessian during the search (first-order sensitivities only, K = 1 + P) was
+*not* done: the steady-state search already needs only two sensitivity solves, and Gauss–Newton converges linearly
+(the dropped Σ r/V·∂²f term), so it would need more, cheaper solves plus one second-order solve at the mode for the
+FOCE-I pieces — no measured gain to expect. The first search's trial points at extreme η (~4 s in the Rosenbrock
+fallback) are now capped (``max_step`` of :func:`nlmefit.marginal.modes.find_modes`).
 
 Earlier measurement (tight tolerances): rtol 1e-10 / atol 1e-12 gives the linear 1–3-compartment systems to ~1e-10
 relative against matrix exponentials and closed forms (rtol 1e-8: ~2e-9); ``dopri8`` takes fewer steps but its error
