@@ -207,3 +207,77 @@ def test_mode_search_trial_points_stay_within_the_step_cap():
     pts = torch.stack(seen)  # every evaluation: iterates and trial points
     jumps = (pts[1:] - pts[:-1]).abs().amax(-1)  # between consecutive evaluations, per subject
     assert float(jumps.max()) <= 2.0 + 1e-12
+
+
+@pytest.mark.parametrize("n", [1, 4])
+@pytest.mark.parametrize("dual_time", [False, True])
+def test_augmented_rhs_subjects_last_layout(dual_time, n):
+    """``f.last`` — the layout the batched dopri5 keeps, [S·K, N], without the factor delta — is the same right-hand
+    side as ``f``, inside and outside a held dual level, with the time as a dual or not (the dual time of the oral
+    models' depot coordinate once raised inside the solver for a one-subject batch — a stride-0 time — and silently
+    sent those solves to Rosenbrock)."""
+    torch.manual_seed(1)
+    system = ode_models.get("2cmt_oral_mm")
+    names = ("vm", "km", "v", "ka")
+    p = {k: (torch.rand(n, dtype=torch.float64) * 50 + 5) for k in system.params}
+    lay = SensLayout(names)
+    y = torch.rand(n, system.n_states, lay.k, dtype=torch.float64) * 10
+    delta = torch.rand(n, dtype=torch.float64) + 0.5
+    t0 = torch.rand(n, dtype=torch.float64)
+    u = torch.zeros(n, system.n_states, dtype=torch.float64)
+    s = torch.rand(n, dtype=torch.float64)
+    f = augmented_rhs(system.rhs, lay, p, t0, delta, u, dual_time=dual_time)
+    ref = f(s, y)  # [N, S, K], times delta
+    y_last = y.permute(1, 2, 0).reshape(-1, n).contiguous()
+    got = f.last(s, y_last).reshape(system.n_states, lay.k, n).permute(2, 0, 1) * delta[:, None, None]
+    with f.session():
+        got2 = f.last(s, y_last).reshape(system.n_states, lay.k, n).permute(2, 0, 1) * delta[:, None, None]
+    torch.testing.assert_close(got, ref, rtol=1e-14, atol=1e-12)
+    torch.testing.assert_close(got2, ref, rtol=1e-14, atol=1e-12)
+
+
+def test_non_stiff_solves_never_reach_the_stiff_fallback(monkeypatch):
+    """The explicit path must solve the library's MM systems (oral ones in the depot coordinate, with second-order
+    sensitivities) by itself: an exception inside it is caught and sent to Rosenbrock, which gives the right answer
+    ~10x slower — a silent performance failure that only this test sees."""
+    def boom(*a, **k):
+        raise AssertionError("the Rosenbrock fallback was used")
+
+    monkeypatch.setattr(ode, "rosenbrock23", boom)
+    ev, p0 = _mm_case()
+    for name in ("1cmt_oral_mm", "2cmt_oral_mm"):
+        system = ode_models.get(name)
+        for grad in (False, True):
+            for rows in (slice(None), slice(1, 2)):  # the batch and one subject alone (the mode search re-solves those)
+                ode.clear_cache()
+                p = {k: p0[k][rows].clone().requires_grad_(grad) for k in system.params}
+                e = ev if rows == slice(None) else ev.index(torch.tensor([1]))
+                with torch.set_grad_enabled(grad):
+                    c = ode.solve(system, p, e)
+                assert torch.isfinite(c).all() and (c > 0).any(), name
+
+
+def test_dense_output_matches_the_exact_solution_between_steps():
+    """Outputs inside a step come from dopri5's continuous extension (order 4): on y' = −k·y with many outputs the
+    solve takes fewer steps than there are outputs, and every output is within the tolerance's reach of exp(−k·t);
+    the end state is the last step's own."""
+    k = torch.tensor([0.5, 2.0, 7.0], dtype=torch.float64)
+    n = k.shape[0]
+    stops = torch.linspace(0.01, 1.0, 100, dtype=torch.float64).expand(n, 100).contiguous()
+    calls = {"n": 0}
+
+    def f(s, y):  # subjects last: y [1, N]
+        calls["n"] += 1
+        return -k * y
+
+    y0 = torch.ones(n, 1, dtype=torch.float64)
+    counts = []
+    for rtol, bound in ((1e-6, 2e-6), (1e-9, 2e-9)):
+        calls["n"] = 0
+        out, ok = ode._dopri5_stops(f, y0, stops, rtol, 1e-12, 1, 1000, torch.ones(n, dtype=torch.float64))
+        assert ok.all()
+        exact = torch.exp(-k[:, None] * stops)
+        rel = ((out[..., 0] - exact) / exact).abs().max()
+        assert rel < bound, (rtol, rel)
+        counts.append(calls["n"])
+    assert counts[0] < 6 * 100 / 2, counts  # at rtol 1e-6 under half as many steps as outputs

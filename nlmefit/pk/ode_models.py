@@ -64,9 +64,8 @@ def linear(ncmt: int, oral: bool) -> OdeSystem:
 def michaelis_menten(ncmt: int, oral: bool) -> OdeSystem:
     """Saturable elimination ``vm·C/(km + C)``; parameters ``vm, km, v`` (+ ``q, vp``, ``q2, vp2``, ``ka``)."""
 
-    def elim(a, p):
-        conc = a / p["v"]
-        return p["vm"] * conc / (p["km"] + conc)
+    def elim(a, p):  # vm·C/(km + C) with C = a/v, written with one division (a dual division costs ~7 µs)
+        return p["vm"] * a / (p["km"] * p["v"] + a)
 
     return _mammillary(ncmt, oral, elim, ("vm", "km"))
 

@@ -47,6 +47,20 @@ class SensLayout:
         self.k = 1 + self.p + self.m
 
 
+def _dual_ops() -> tuple[Callable, Callable]:
+    """(make_dual(t, tangent, level), unpack_dual(t, level) -> (primal, tangent)) without the Python wrappers of
+    :mod:`torch.autograd.forward_ad` (their checks and export hooks cost ~16 µs a call against ~1 µs: an eighth of
+    an augmented right-hand side); the public functions where this torch lacks the bindings."""
+    mk, up = getattr(torch, "_make_dual", None), getattr(torch, "_unpack_dual", None)
+    if mk is not None and up is not None:
+        return (lambda t, tan, level: mk(t, tan, level=level)), (lambda t, level: tuple(up(t, level=level)))
+    return (lambda t, tan, level: fwAD.make_dual(t, tan, level=level)), (
+        lambda t, level: tuple(fwAD.unpack_dual(t, level=level)))
+
+
+_MAKE_DUAL, _UNPACK_DUAL = _dual_ops()
+
+
 def augmented_rhs(rhs: Callable, lay: SensLayout, p: Mapping[str, torch.Tensor], t0: torch.Tensor,
                   delta: torch.Tensor, u: torch.Tensor, dual_time: bool = False
                   ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -54,10 +68,14 @@ def augmented_rhs(rhs: Callable, lay: SensLayout, p: Mapping[str, torch.Tensor],
 
     One forward-AD pass of ``rhs`` on nb = P + 2M row blocks: block a < P gives J·S_a + ∂f/∂p_a at (x, p), blocks
     P + m and P + M + m give J(z ± h_b w_b)(w_a ± h_b τ) for the pair m = (a, b). The blocks are built column-major
-    (y as [K, N, S], one copy) so that every gather and concatenation moves contiguous [N, S] blocks: the call is
+    (y as [S, K, N]) so that every gather and concatenation moves contiguous [N, S] blocks: the call is
     dispatcher-bound, and concatenating permuted views cost half of it. ``dual_time``: hand ``rhs`` the time as a
     dual with a zero tangent (for a right-hand side whose parameters meet the time in an op: a dual op with a plain
     tensor takes torch's ~50x slower Python reference path).
+
+    The returned function also has ``.last(s, y [S·K, N]) -> [S·K, N]``: the same right-hand side in the
+    subjects-last layout *without* the factor ``delta`` (the batched dopri5 of :mod:`nlmefit.pk.ode` keeps its state
+    that way and folds ``delta`` into the step), which saves the two layout copies and the scaling of every call.
     """
     P, M = lay.p, lay.m
     pv = torch.stack([p[k] for k in lay.names], -1)  # [N, P]
@@ -80,57 +98,67 @@ def augmented_rhs(rhs: Callable, lay: SensLayout, p: Mapping[str, torch.Tensor],
     ia_k = torch.tensor([1 + a for a in ia], dtype=torch.long, device=pv.device)  # columns S_a of the pairs
     ib_k = torch.tensor([1 + b for b in ib], dtype=torch.long, device=pv.device)
     dl = delta[None, None, :]
+    u_t = None if not bool((u != 0).any()) else u.T[:, None]  # [S, 1, N]; None: no input on this segment
 
-    held: dict = {}  # the parameter duals while a session() holds the dual level open
+    held: dict = {}  # the parameter duals and the level while a session() holds the dual level open
 
     zero_r = {k: torch.zeros_like(v) for k, v in fixed_r.items()}
 
-    def dual_params() -> dict:
+    def dual_params(level: int) -> dict:
         # the parameters without sensitivities get a zero tangent too: a dual op with a plain tensor (or a number)
         # takes torch's Python reference path for the undefined tangent, ~50x slower (a quarter of an MM fit)
-        pd = {k: fwAD.make_dual(v, zero_r[k]) for k, v in fixed_r.items()}
+        pd = {k: _MAKE_DUAL(v, zero_r[k], level) for k, v in fixed_r.items()}
         for i, k in enumerate(lay.names):
-            pd[k] = fwAD.make_dual(p_dict[k], e_dir[:, i])
+            pd[k] = _MAKE_DUAL(p_dict[k], e_dir[:, i], level)
         return pd
 
     @contextlib.contextmanager
     def session():
-        """Hold one dual level open over many calls: the parameter duals are made once (make_dual ~35 µs each)."""
-        with fwAD.dual_level():
-            held["pd"] = dual_params()
+        """Hold one dual level open over many calls: the parameter duals are made once."""
+        with fwAD.dual_level() as level:
+            held["level"] = level
+            held["pd"] = dual_params(level)
             try:
                 yield
             finally:
                 held.clear()
 
-    def f(s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        yk = y.permute(1, 2, 0).contiguous()  # [S, K, N]: subjects last, every block a contiguous run
+    def core(s: torch.Tensor, yk: torch.Tensor, level: int, pd: dict) -> torch.Tensor:
+        """[S, K, N] -> dy/dt [S, K, N] (not yet times delta)."""
         s_ = yk.shape[0]
         x = yk[:, :1]
-        dx = hbs * yk[:, ib_k]  # h_b S_b [S, M, N]
-        sa = yk[:, ia_k]
+        dx = hbs * yk.index_select(1, ib_k)  # h_b S_b [S, M, N]
+        sa = yk.index_select(1, ia_k)
         dtan = hbs * yk[:, 1 + P:]  # h_b T_ab
         # rows r = block·N + subject, handed to rhs as the transposed view [nb·N, S] (contiguous columns)
         x_rows = torch.cat([x.expand(s_, P, n), x + dx, x - dx], 1).reshape(s_, nb * n).T
         t_rows = torch.cat([yk[:, 1:1 + P], sa + dtan, sa - dtan], 1).reshape(s_, nb * n).T
-        t = (t0 + s * delta).expand(nb, n).reshape(nb * n)
-        if "pd" in held:
-            td = fwAD.make_dual(t.clone(), torch.zeros_like(t)) if dual_time else t
-            up = fwAD.unpack_dual(rhs(td, fwAD.make_dual(x_rows, t_rows), held["pd"]))
-            prim, tan = up.primal, up.tangent
-        else:
-            with fwAD.dual_level():
-                td = fwAD.make_dual(t.clone(), torch.zeros_like(t)) if dual_time else t
-                up = fwAD.unpack_dual(rhs(td, fwAD.make_dual(x_rows, t_rows), dual_params()))
-                prim, tan = up.primal, up.tangent
+        t = torch.addcmul(t0, torch.as_tensor(s, dtype=t0.dtype, device=t0.device), delta)
+        t = t.expand(nb, n).contiguous().view(-1)  # a copy (a dual needs its own memory); repeat() is 5x slower
+        td = _MAKE_DUAL(t, torch.zeros_like(t), level) if dual_time else t
+        prim, tan = _UNPACK_DUAL(rhs(td, _MAKE_DUAL(x_rows, t_rows, level), pd), level)
         if tan is None:
             tan = torch.zeros_like(prim)
         tan = tan.T.reshape(s_, nb, n)  # a view when rhs returns the transposed layout (the library models do)
         d2 = (tan[:, P:P + M] - tan[:, P + M:]) * inv2h
-        out = torch.cat([(prim[:n] + u).T[:, None], tan[:, :P], d2], 1) * dl  # [S, K, N]
+        first = prim[:n].T[:, None] if u_t is None else prim[:n].T[:, None] + u_t
+        return torch.cat([first, tan[:, :P], d2], 1)
+
+    def call(s: torch.Tensor, yk: torch.Tensor) -> torch.Tensor:
+        if "pd" in held:
+            return core(s, yk, held["level"], held["pd"])
+        with fwAD.dual_level() as level:
+            return core(s, yk, level, dual_params(level))
+
+    def f(s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = call(s, y.permute(1, 2, 0).contiguous()) * dl  # [S, K, N]: subjects last, every block a contiguous run
         return out.permute(2, 0, 1)
 
+    def last(s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return call(s, y.view(-1, lay.k, n)).view(-1, n)
+
     f.session = session
+    f.last = last
     return f
 
 
