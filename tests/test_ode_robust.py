@@ -110,7 +110,7 @@ def test_nan_subject_keeps_other_gradients_finite():
 
 def test_structure_options_and_validation():
     st = nlmefit.library.structure("1cmt_iv_mm")
-    assert (st.rtol, st.atol, st.sensitivities, st.stiff) == (1e-6, 1e-8, "forward", "auto")
+    assert (st.rtol, st.atol, st.sensitivities, st.stiff) == (5e-6, 5e-8, "forward", "auto")  # nlmixr2 FOCE-I
     tight = st.with_tolerance(1e-10)
     assert (tight.rtol, tight.atol) == (1e-10, 1e-12)
     with pytest.raises(ModelSpecError):

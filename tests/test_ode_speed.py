@@ -60,7 +60,7 @@ def test_augmented_rhs_matches_nested_forward_ad():
     assert got.shape == ref.shape
     torch.testing.assert_close(got2, got, rtol=0, atol=0)
     torch.testing.assert_close(got[..., :1 + lay.p], ref[..., :1 + lay.p], rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(got, ref, rtol=1e-7, atol=1e-7)  # second order: central differences (~1e-10)
+    torch.testing.assert_close(got, ref, rtol=1e-7, atol=1e-7)  # second order: forward differences (~3e-8)
 
 
 def test_library_rhs_returns_the_state_shape():
@@ -281,3 +281,33 @@ def test_dense_output_matches_the_exact_solution_between_steps():
         assert rel < bound, (rtol, rel)
         counts.append(calls["n"])
     assert counts[0] < 6 * 100 / 2, counts  # at rtol 1e-6 under half as many steps as outputs
+
+
+@pytest.mark.parametrize("name", ["1cmt_oral", "2cmt_oral", "3cmt_oral", "1cmt_oral_mm", "2cmt_oral_mm",
+                                  "3cmt_oral_mm"])
+def test_library_factor_rhs_equals_the_generic_depot_transform(name):
+    """The library's oral models write their right-hand side in the depot's integrating-factor coordinate
+    themselves (``OdeSystem.factor_rhs``, a third fewer operations); it must equal the generic transform of
+    :func:`nlmefit.pk.ode._depot_factor_rhs` in value and in every forward derivative (states, parameters, time)."""
+    torch.manual_seed(2)
+    system = ode_models.get(name)
+    assert system.factor_rhs is not None
+    n = 6
+    p = {k: torch.rand(n, dtype=torch.float64) * 3 + 0.2 for k in system.params}
+    p["__t0"] = torch.rand(n, dtype=torch.float64)
+    x = torch.rand(n, system.n_states, dtype=torch.float64) * 10
+    t = p["__t0"] + torch.rand(n, dtype=torch.float64) * 4
+    generic = ode._depot_factor_rhs(system)
+    args = (t, x, *[p[k] for k in system.params])
+
+    def call(rhs):
+        def g(t_, x_, *vals):
+            return rhs(t_, x_, {**dict(zip(system.params, vals)), "__t0": p["__t0"]})
+        return g
+
+    torch.testing.assert_close(call(system.factor_rhs)(*args), call(generic)(*args), rtol=1e-13, atol=1e-13)
+    for i, a in enumerate(args):
+        tangent = torch.rand_like(a)
+        _, d1 = torch.func.jvp(lambda v, i=i: call(system.factor_rhs)(*args[:i], v, *args[i + 1:]), (a,), (tangent,))
+        _, d2 = torch.func.jvp(lambda v, i=i: call(generic)(*args[:i], v, *args[i + 1:]), (a,), (tangent,))
+        torch.testing.assert_close(d1, d2, rtol=1e-12, atol=1e-12)

@@ -109,7 +109,9 @@ class ClassicalEstimator(Estimator):
         new_eta = torch.empty_like(eta)
         shards = self._shards(data)
         for sl in shards:
-            d = data.index(sl)
+            # one chunk: the data object itself, so that the ODE path's solve cache (keyed on the events object)
+            # serves the next evaluation's warm-start prediction (:func:`_predicted_modes`)
+            d = data if len(shards) == 1 else data.index(sl)
             e = lin.modes(model, p, d, eta[sl])
             new_eta[sl] = e
             m2 = lin.subject_m2ll(model, p, d, e).sum()
@@ -180,12 +182,20 @@ class ClassicalEstimator(Estimator):
             warnings.warn(note, stacklevel=3)
             messages.append(note)
 
+        # warm starts predicted to first order where a prediction costs more than the autograd work (ODE models;
+        # on the closed forms it costs about the Newton iteration it saves: theophylline 0.45 -> 0.52 s)
+        predict = (shard is None and len(self._shards(ldata)) == 1 and hasattr(lin, "mode_shift")
+                   and bool(getattr(model, "costly_predictions", False)))
+
         def fun(u: np.ndarray):
             ut = torch.tensor(u, dtype=torch.float64, device=dev, requires_grad=True)
             try:
                 p = pset.from_unconstrained(ut)
+                eta_start = state["eta"]
+                if predict and state.get("u") is not None and ldata.n_subjects:
+                    eta_start = _predicted_modes(pset, lin, model, ldata, state["u"], ut.detach(), eta_start)
                 if ldata.n_subjects:
-                    val, e = self.evaluate(model, p, ldata, state["eta"], backward_to=ut, lin=lin)
+                    val, e = self.evaluate(model, p, ldata, eta_start, backward_to=ut, lin=lin)
                 else:  # a rank without subjects (more ranks than subjects) still takes part in the reduction
                     val, e = 0.0, state["eta"]
             except (torch.linalg.LinAlgError, RuntimeError) as err:
@@ -205,6 +215,7 @@ class ClassicalEstimator(Estimator):
             if not math.isfinite(val) or g is None or not bool(torch.isfinite(g).all()):
                 return 1e20, np.zeros_like(u)
             state["eta"] = e
+            state["u"] = ut.detach()
             state["best"] = min(state["best"], val)
             report(state["n_eval"], val - mdata.n_uncensored * LOG_2PI)  # a float already: no device sync
             return val, g.detach().cpu().numpy()
@@ -239,6 +250,30 @@ class ClassicalEstimator(Estimator):
     def _fit_multistart(self, model: LatentModel, mdata: ObservationData, lin: Linearisation, seed: int | None,
                         t0: float, report: IterationProgress | None = None):
         return _multistart_fit(self, model, mdata, lin, seed, t0, report)
+
+
+#: the predicted warm start moves no mode by more than this (a safeguard for long outer steps)
+_MAX_SHIFT = 1.0
+
+
+def _predicted_modes(pset, lin: Linearisation, model: LatentModel, data: ObservationData, u_prev: torch.Tensor,
+                     u_new: torch.Tensor, eta_prev: torch.Tensor) -> torch.Tensor:
+    """Warm start of the next mode search: the modes at ``u_prev`` moved to first order along u_prev → u_new
+    (:meth:`~nlmefit.marginal.linearisation.Conditional.mode_shift`, the implicit function theorem).
+
+    The modes' error at the start is then second order in the outer step instead of first, which saves about one
+    Newton iteration — one ODE sensitivity solve of every subject — a search (Bolus_1CPTMM SD FOCE-I: 6.2 → 5.1 s).
+    The shift is computed at the previous modes and parameters, where the ODE path serves everything from its
+    cached sensitivity solve. A non-finite shift is dropped, a long one clipped to ``_MAX_SHIFT``."""
+    du = u_new - u_prev
+    try:
+        shift = lin.mode_shift(model, lambda t: pset.from_unconstrained(u_prev + t * du), data, eta_prev)
+    except (torch.linalg.LinAlgError, RuntimeError):
+        return eta_prev
+    if shift is None:
+        return eta_prev
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift)).clamp(-_MAX_SHIFT, _MAX_SHIFT)
+    return eta_prev + shift
 
 
 def _multistart_fit(est: ClassicalEstimator, model: LatentModel, mdata: ObservationData, lin: Linearisation,

@@ -21,6 +21,7 @@ import torch
 
 from nlmefit.errors import ModelSpecError
 from nlmefit.marginal.approximations import conditional_m2ll, conditional_objective, fo_m2ll
+from nlmefit.marginal.autodiff import grad_sep, hessian_sep
 from nlmefit.marginal.modes import find_modes
 from nlmefit.marginal.quadrature import agq_m2ll
 from nlmefit.models.data import ObservationData
@@ -81,6 +82,31 @@ class Conditional(Linearisation):
         if self.name == "fo":
             return fo_m2ll(model, p, data)
         return conditional_m2ll(model, p, data, eta_hat, self.name)
+
+    def mode_shift(self, model: LatentModel, p_of, data: ObservationData, eta_hat: torch.Tensor
+                   ) -> torch.Tensor | None:
+        """The first-order move of the modes [N, q] along a parameter path ``p_of(t)`` (a scalar tensor t → Params)
+        from t = 0, where ``eta_hat`` are the modes, to t = 1: dη̂/dt = −H⁻¹ ∂g/∂t, g = ∂l/∂η at η̂ (the implicit
+        function theorem). ∂g/∂t by double vjp: the derivative of ⟨g, w⟩ in t is linear in w, its gradient in w is
+        ∂g/∂t. None for FO (no modes)."""
+        if self.name == "fo" or not eta_hat.shape[-1]:
+            return None
+        t = torch.zeros((), dtype=eta_hat.dtype, device=eta_hat.device, requires_grad=True)
+        with torch.enable_grad():
+            p = p_of(t)
+            var0 = model.predict(p, torch.zeros_like(eta_hat), data)[1] if self.name == "foce" else None
+            lfun = conditional_objective(model, p, data, self.name, var0)
+            e = eta_hat.detach().requires_grad_(True)
+            g = grad_sep(lfun(e), e, create_graph=True)
+            H = hessian_sep(g, e).detach()
+            w = torch.zeros_like(g, requires_grad=True)
+            (a,) = torch.autograd.grad((g * w).sum(), t, create_graph=True, allow_unused=True)
+            if a is None or not a.requires_grad:
+                return torch.zeros_like(eta_hat)
+            (dg,) = torch.autograd.grad(a, w, allow_unused=True)
+        if dg is None:
+            return torch.zeros_like(eta_hat)
+        return -torch.linalg.solve(H, dg.unsqueeze(-1)).squeeze(-1)
 
 
 class Quadrature(Conditional):

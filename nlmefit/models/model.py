@@ -256,6 +256,12 @@ class Model:
         return used
 
     @property
+    def costly_predictions(self) -> bool:
+        """Whether a prediction costs far more than autograd through it (the structure's ``costly``: the ODE path),
+        so that an estimator should spend autograd work to save predictions."""
+        return bool(getattr(self.structure, "costly", False))
+
+    @property
     def needs_doses(self) -> bool:
         """Whether the structure's predictions come from the dose records (every PK structure). A structure
         whose formula contains the dose (:class:`~nlmefit.models.structure.FunctionStructure`, e.g. Wang 2007's

@@ -36,6 +36,9 @@ class Structure:
     param_names: tuple[str, ...]
     oral: bool
     per_observation: bool = True  # can take [N, J] parameters
+    #: a prediction costs far more than autograd through it (an ODE solve): estimators may spend autograd work to
+    #: save predictions (the classical estimators' warm-start prediction of the modes)
+    costly: bool = False
 
     def predict(self, params: Mapping[str, torch.Tensor], events: Events) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -69,8 +72,9 @@ class ClosedForm(Structure):
 class OdeStructure(Structure):
     """A right-hand side integrated numerically (see :mod:`nlmefit.pk.ode`); per-subject parameters.
 
-    ``rtol``/``atol`` (default rxode2's 1e-6/1e-8, ``atol`` relative to each subject's largest dose; tighten with
-    ``dataclasses.replace(structure, rtol=1e-10, atol=1e-12)`` or :meth:`with_tolerance`), ``sensitivities``
+    ``rtol``/``atol`` (default nlmixr2 FOCE-I's 5e-6/5e-8, ``atol`` relative to each subject's largest dose;
+    tighten with ``dataclasses.replace(structure, rtol=1e-10, atol=1e-12)`` or :meth:`with_tolerance`),
+    ``sensitivities``
     (``"forward"``: forward sensitivities and a Taylor surrogate; ``"autograd"``: through the solver steps) and
     ``stiff`` (``"auto"``, ``True``, ``False``) go to :func:`nlmefit.pk.ode.solve`.
     """
@@ -83,6 +87,7 @@ class OdeStructure(Structure):
     sensitivities: str = "forward"
     stiff: bool | str = "auto"
     per_observation = False
+    costly = True
 
     def __post_init__(self) -> None:
         if not (0 < self.rtol < 1 and 0 < self.atol < 1):

@@ -62,9 +62,13 @@ Which integrator
 
 Tolerances, failures, stiffness, derivatives (issue 10)
 --------------------------------------------------------
-* **Defaults rtol 1e-6, atol 1e-8** — rxode2's ``rxSolve`` defaults (liblsoda; NONMEM ADVAN13 TOL=6 is ~1e-6
-  relative). ``atol`` is taken relative to each subject's largest dose amount (so the solve does not depend on the
-  amount unit; sensitivity columns get atol/|p_a| and atol/|p_a p_b|). Tighten with ``rtol=``/``atol=`` here or
+* **Defaults rtol 5e-6, atol 5e-8** — nlmixr2's FOCE-I defaults (``foceiControl(sigdig = 3)``: ODE tolerance
+  0.5·10^(−sigdig−2) = 5e-6 relative and absolute, 1.6e-5 for its sensitivity equations; NONMEM ADVAN13 TOL=5–6 is
+  the same order). ``atol`` is taken relative to each subject's largest dose amount (so the solve does not depend on
+  the amount unit; nlmixr2's 5e-6 absolute is this for a 100-unit dose; sensitivity columns get atol/|p_a| and
+  atol/|p_a p_b|). Until 2026-12-01 rxode2's ``rxSolve`` defaults 1e-6/1e-8: on the six MM benchmark sets the FOCE-I
+  OFV moved by < 0.002 and stays within 0.001 of a rtol 1e-10 solve (``python -m nlmefit.benchmark.robust``'s
+  ``tight`` column), for 10–15 % less time. Tighten with ``rtol=``/``atol=`` here or
   ``OdeStructure.with_tolerance``; the test suite's reference solves use 1e-10/1e-12.
 * **Error control on the states only** (CVODES' default ``errconS`` off): the sensitivity columns ride along on the
   steps the states choose. The plain solve (the mode search's line search, without gradients) and the sensitivity
@@ -212,8 +216,8 @@ _EVENT_PARAMS = ("f", "tlag", "dur", "rate")
 _MAX_STEPS = 500  # explicit steps per segment before the segment counts as stiff
 #: local error control on the sensitivity columns too (CVODES' errconS); off: on the states only
 _ERRCON_SENS = False
-#: default tolerances (rxode2's rtol 1e-6, atol 1e-8; atol relative to each subject's largest dose amount)
-RTOL, ATOL = 1e-6, 1e-8
+#: default tolerances (nlmixr2's FOCE-I: rtol 5e-6; atol 5e-8 relative to each subject's largest dose amount)
+RTOL, ATOL = 5e-6, 5e-8
 _SS_TOL = 1e-12
 _SS_MAX_INTERVALS = 1000
 
@@ -240,6 +244,10 @@ class OdeSystem:
     #: integrating-factor coordinate (:func:`_depot_factor_rhs`). Only a speed hint: the transform is exact for any
     #: right-hand side.
     absorption: str | None = None
+    #: optional: the same right-hand side already written in that coordinate (reading the epoch start
+    #: ``p["__t0"]``), as the library's oral models provide — fewer operations than the generic transform of
+    #: :func:`_depot_factor_rhs`, which it must equal (``tests/test_ode_speed.py`` checks the library's)
+    factor_rhs: Callable[[torch.Tensor, torch.Tensor, Mapping[str, torch.Tensor]], torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         if self.absorption is not None and self.depot is None:
@@ -421,7 +429,7 @@ class _Integrator:
             factor = ka_name is not None and ka_name in self.p and bool(
                 (u.reshape(n, -1, k)[:, self.system.depot, 0] == 0).all())  # no infusion into the depot
             if factor:
-                f, session = self._rhs_last(t0, dl, u, _depot_factor_rhs(self.system),
+                f, session = self._rhs_last(t0, dl, u, self.system.factor_rhs or _depot_factor_rhs(self.system),
                                             {**self.p, "__t0": t0.detach()}, dual_time=True)
             else:
                 f, session = self._rhs_last(t0, dl, u)
@@ -1122,8 +1130,8 @@ def solve(
     keeps its rate and lasts f·amt/rate (NONMEM). The state starts at zero at each subject's first event.
 
     ``rtol``/``atol``: local error control, ``atol`` relative to each subject's largest dose amount (defaults
-    1e-6/1e-8 as rxode2; tighten for reference solves). ``sensitivities``: ``"forward"`` (default) carries first and
-    second forward sensitivities and returns a Taylor surrogate (exact value, first and second derivatives; no
+    5e-6/5e-8 as nlmixr2's FOCE-I; tighten for reference solves). ``sensitivities``: ``"forward"`` (default) carries
+    first and second forward sensitivities and returns a Taylor surrogate (exact value, first and second derivatives; no
     backward pass through the solver), ``"autograd"`` differentiates through the solver steps. ``stiff``: ``"auto"``
     (explicit ``method``, Rosenbrock where it fails), ``True`` (Rosenbrock only), ``False`` (no fallback). A solve
     that fails for a subject gives NaN concentrations for that subject, never an exception.

@@ -32,28 +32,37 @@ def _mammillary(ncmt: int, oral: bool, elimination: Callable[[torch.Tensor, Para
     o = 1 if oral else 0
     c = o  # central index
 
-    def rhs(t: torch.Tensor, x: torch.Tensor, p: Params) -> torch.Tensor:
-        v = p["v"]
-        a_c = x[:, c]
-        dc = -elimination(a_c, p)
-        cols = []
-        if oral:
-            absorbed = p["ka"] * x[:, 0]
-            cols.append(-absorbed)
-            dc = dc + absorbed
-        periph = []
-        for i, (qn, vn) in enumerate((("q", "vp"), ("q2", "vp2"))[: ncmt - 1]):
-            flow = p[qn] * (a_c / v - x[:, c + 1 + i] / p[vn])  # net flow central → peripheral
-            dc = dc - flow
-            periph.append(flow)
-        cols.append(dc)
-        cols.extend(periph)
-        return torch.stack(cols).T  # [N, S] as a view of [S, N]: stacking rows is ~4x cheaper than columns
+    def make(factor: bool):
+        def rhs(t: torch.Tensor, x: torch.Tensor, p: Params) -> torch.Tensor:
+            v = p["v"]
+            a_c = x[:, c]
+            dc = -elimination(a_c, p)
+            cols = []
+            if oral:
+                ka = p["ka"]
+                if factor:  # x[:, 0] is z = depot·e^{ka·τ}, constant between doses (see OdeSystem.factor_rhs)
+                    absorbed = ka * x[:, 0] * torch.exp(ka * (p["__t0"] - t))
+                    cols.append(x[:, 0] - x[:, 0])  # dz/dt = 0 (a zero with the state's dual tangent)
+                else:
+                    absorbed = ka * x[:, 0]
+                    cols.append(-absorbed)
+                dc = dc + absorbed
+            periph = []
+            for i, (qn, vn) in enumerate((("q", "vp"), ("q2", "vp2"))[: ncmt - 1]):
+                flow = p[qn] * (a_c / v - x[:, c + 1 + i] / p[vn])  # net flow central → peripheral
+                dc = dc - flow
+                periph.append(flow)
+            cols.append(dc)
+            cols.extend(periph)
+            return torch.stack(cols).T  # [N, S] as a view of [S, N]: stacking rows is ~4x cheaper than columns
+
+        return rhs
 
     names = (("depot",) if oral else ()) + ("central",) + ("periph1", "periph2")[: ncmt - 1]
     params = elim_params + ("v",) + ("q", "vp", "q2", "vp2")[: 2 * (ncmt - 1)] + (("ka",) if oral else ())
-    return OdeSystem(n_states=ncmt + o, rhs=rhs, depot=0 if oral else None, central=c, volume="v",
-                     names=names, params=params, absorption="ka" if oral else None)
+    return OdeSystem(n_states=ncmt + o, rhs=make(False), depot=0 if oral else None, central=c, volume="v",
+                     names=names, params=params, absorption="ka" if oral else None,
+                     factor_rhs=make(True) if oral else None)
 
 
 def linear(ncmt: int, oral: bool) -> OdeSystem:

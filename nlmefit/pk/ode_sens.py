@@ -8,10 +8,13 @@ With parameters p (the P per-subject parameters that require grad) the state x(t
 integrated with the state as one system [N, S, K], K = 1 + P + M, on the steps that the states' error test
 chooses (:mod:`nlmefit.pk.ode`: the sensitivity columns are not error-controlled, as CVODES without
 ``errconS``). The first-order terms are exact (forward-mode AD, one pass on a batch of P·N rows). The second
-directional derivative D²f is a central difference of forward-mode
-directional derivatives, [J(z + h w_b)(w_a + h τ) − J(z − h w_b)(w_a − h τ)]/(2h) with w = (S, e), τ = (T_ab, 0) and
-h = 6e-6·|p_b| (error ~1e-10 relative): nested forward AD (``torch.func.jvp`` twice) is exact but costs ~3.5 ms a
-call against ~0.3 ms for this single-level pass on 2M + P row blocks (measured, 12 subjects, 1-cmt oral MM).
+directional derivative D²f is a forward difference of forward-mode
+directional derivatives, [J(z + h w_b)(w_a + h τ) − J(z)(w_a)]/h with w = (S, e), τ = (T_ab, 0) and h = 2e-8·|p_b|
+(error ~3e-8 relative: truncation ~h, rounding ~1e-16/h) — J(z)(w_a) is the first-order block a itself, so the pass
+needs M + P row blocks. Nested forward AD (``torch.func.jvp`` twice) is exact but costs ~3.5 ms a call against
+~0.3 ms for a single-level pass (measured, 12 subjects, 1-cmt oral MM). The central difference used before (2M + P
+blocks, error ~1e-10) cost 20–40 % more a call on the 2-compartment models (P = 5–6) for accuracy that the
+integration, whose sensitivity columns are good to about the tolerance (1e-6), does not deliver anyway.
 Second derivatives enter only Hessians (the η-mode search and the FOCE-I Hessian and its θ-derivative), which NONMEM
 and nlmixr2 take by finite differences altogether.
 
@@ -32,7 +35,7 @@ import torch.autograd.forward_ad as fwAD
 
 __all__ = ["SensLayout", "augmented_rhs", "taylor_surrogate"]
 
-_FD_REL = 6e-6
+_FD_REL = 2e-8
 
 
 class SensLayout:
@@ -66,8 +69,8 @@ def augmented_rhs(rhs: Callable, lay: SensLayout, p: Mapping[str, torch.Tensor],
                   ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """dy/ds [N, S, K] of the augmented system on a segment in rescaled time (``t0 + s·delta``, input ``u``).
 
-    One forward-AD pass of ``rhs`` on nb = P + 2M row blocks: block a < P gives J·S_a + ∂f/∂p_a at (x, p), blocks
-    P + m and P + M + m give J(z ± h_b w_b)(w_a ± h_b τ) for the pair m = (a, b). The blocks are built column-major
+    One forward-AD pass of ``rhs`` on nb = P + M row blocks: block a < P gives J·S_a + ∂f/∂p_a at (x, p), block
+    P + m gives J(z + h_b w_b)(w_a + h_b τ) for the pair m = (a, b). The blocks are built column-major
     (y as [S, K, N]) so that every gather and concatenation moves contiguous [N, S] blocks: the call is
     dispatcher-bound, and concatenating permuted views cost half of it. ``dual_time``: hand ``rhs`` the time as a
     dual with a zero tangent (for a right-hand side whose parameters meet the time in an op: a dual op with a plain
@@ -81,20 +84,21 @@ def augmented_rhs(rhs: Callable, lay: SensLayout, p: Mapping[str, torch.Tensor],
     pv = torch.stack([p[k] for k in lay.names], -1)  # [N, P]
     n = pv.shape[0]
     fixed = {k: v for k, v in p.items() if k not in lay.names}
-    nb = P + 2 * M  # row blocks
+    nb = P + M  # row blocks
     fixed_r = {k: v.repeat(nb) for k, v in fixed.items()}
     eye = torch.eye(P, dtype=pv.dtype, device=pv.device)
     ia, ib = lay.ia, lay.ib
     h = _FD_REL * pv.abs().clamp_min(1e-300)  # [N, P]
     hb = h[:, ib].T  # [M, N]
-    e_dir = torch.cat([eye, eye[ia], eye[ia]]).repeat_interleave(n, 0)  # tangent in p [nb·N, P]
+    e_dir = torch.cat([eye, eye[ia]]).repeat_interleave(n, 0)  # tangent in p [nb·N, P]
     pshift = torch.cat([torch.zeros(P, n, P, dtype=pv.dtype, device=pv.device),
-                        hb[:, :, None] * eye[ib][:, None, :], -hb[:, :, None] * eye[ib][:, None, :]])
+                        hb[:, :, None] * eye[ib][:, None, :]])
     p_rows = (pv.unsqueeze(0) + pshift).reshape(nb * n, P)
     p_dict = dict(fixed_r)
     p_dict.update({k: p_rows[:, i] for i, k in enumerate(lay.names)})
     hbs = hb[None]  # [1, M, N]
-    inv2h = 1 / (2 * hbs)
+    inv_h = 1 / hbs
+    ia_blk = torch.tensor(ia, dtype=torch.long, device=pv.device)  # the first-order block a of each pair
     ia_k = torch.tensor([1 + a for a in ia], dtype=torch.long, device=pv.device)  # columns S_a of the pairs
     ib_k = torch.tensor([1 + b for b in ib], dtype=torch.long, device=pv.device)
     dl = delta[None, None, :]
@@ -131,8 +135,8 @@ def augmented_rhs(rhs: Callable, lay: SensLayout, p: Mapping[str, torch.Tensor],
         sa = yk.index_select(1, ia_k)
         dtan = hbs * yk[:, 1 + P:]  # h_b T_ab
         # rows r = block·N + subject, handed to rhs as the transposed view [nb·N, S] (contiguous columns)
-        x_rows = torch.cat([x.expand(s_, P, n), x + dx, x - dx], 1).reshape(s_, nb * n).T
-        t_rows = torch.cat([yk[:, 1:1 + P], sa + dtan, sa - dtan], 1).reshape(s_, nb * n).T
+        x_rows = torch.cat([x.expand(s_, P, n), x + dx], 1).reshape(s_, nb * n).T
+        t_rows = torch.cat([yk[:, 1:1 + P], sa + dtan], 1).reshape(s_, nb * n).T
         t = torch.addcmul(t0, torch.as_tensor(s, dtype=t0.dtype, device=t0.device), delta)
         t = t.expand(nb, n).contiguous().view(-1)  # a copy (a dual needs its own memory); repeat() is 5x slower
         td = _MAKE_DUAL(t, torch.zeros_like(t), level) if dual_time else t
@@ -140,7 +144,7 @@ def augmented_rhs(rhs: Callable, lay: SensLayout, p: Mapping[str, torch.Tensor],
         if tan is None:
             tan = torch.zeros_like(prim)
         tan = tan.T.reshape(s_, nb, n)  # a view when rhs returns the transposed layout (the library models do)
-        d2 = (tan[:, P:P + M] - tan[:, P + M:]) * inv2h
+        d2 = (tan[:, P:] - tan.index_select(1, ia_blk)) * inv_h
         first = prim[:n].T[:, None] if u_t is None else prim[:n].T[:, None] + u_t
         return torch.cat([first, tan[:, :P], d2], 1)
 
