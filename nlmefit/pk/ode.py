@@ -17,10 +17,10 @@ once, from each subject's e-th action to its next one, in rescaled time s ∈ [0
     dx/ds = Δ_e · (rhs(t_e + s·Δ_e, x) + u_e),
 
 with Δ_e the subject's epoch length (0 where it has no such epoch: no change) and u_e the infusion input rates
-active on it, by a batched Dormand–Prince 5(4) with a step size *per subject* whose steps land exactly on that
-subject's own observation times inside the epoch (:func:`_dopri5_stops`; no interpolation: each concentration is a
-step's end point, and a step size carries over an observation). A subject's solution therefore does not depend on
-the rest of its batch (batched equals single to rounding). Between epochs the bolus doses are added (amount · ``f``
+active on it, by a batched Dormand–Prince 5(4) with a step size *per subject* (Hairer's PI controller); the
+observations inside the epoch are read off the method's continuous extension of order 4 at each subject's own
+times (:func:`_dopri5_stops`; only the epoch's end is stepped onto). A subject's solution therefore does not depend
+on the rest of its batch (batched equals single to rounding). Between epochs the bolus doses are added (amount · ``f``
 into the route's state), infusion rates are switched on and off, and reset epochs (EVID 3/4, SS=1) set the state to
 zero. When gradients must flow through the steps themselves (``sensitivities="autograd"``, or an event parameter
 ``f``/``tlag``/``dur``/``rate`` or an SS dose requires grad) the older walk is used instead: one torchdiffeq
@@ -46,9 +46,9 @@ observation between the record and the lagged dose sees 0 (as in :mod:`nlmefit.p
 
 Which integrator
 ----------------
-* **Own batched dopri5 for the epochs** (:func:`_dopri5_stops`, ~60 lines): the Dormand–Prince 5(4) pair of
+* **Own batched dopri5 for the epochs** (:func:`_dopri5_stops`, ~90 lines): the Dormand–Prince 5(4) pair of
   torchdiffeq's ``dopri5`` with a step size, an error test (max-norm against ``atol + rtol·|x|``) and an accept/reject
-  decision per subject, stepping onto per-subject output times. torchdiffeq's ``odeint`` needs one common 1-D time
+  decision per subject, and per-subject output times (dense output). torchdiffeq's ``odeint`` needs one common 1-D time
   grid and one step size for the batch, so it must restart at every observation (one ``odeint`` per segment: an
   initial-step selection and ≥ 1 step per observation interval, ~1.6 ms of Python per step); ``torchode`` has
   per-sample steps and evaluation times but would be a new dependency for what is one loop here. Its stages are one
@@ -185,6 +185,35 @@ is the next candidate. A Gauss–Newton η-Hessian during the search (first-orde
 (the dropped Σ r/V·∂²f term), so it would need more, cheaper solves plus one second-order solve at the mode for the
 FOCE-I pieces — no measured gain to expect. The first search's trial points at extreme η (~4 s in the Rosenbrock
 fallback) are now capped (``max_step`` of :func:`nlmefit.marginal.modes.find_modes`).
+
+**Second pass (2026-12-01, same machine, one thread).** A Bolus_1CPTMM fit spent 7.6 of 11.3 s in 143 sensitivity
+solves of ~50 dopri5 iterations each: the batch loops as long as its slowest subject, and the observations (20 a
+subject) capped the steps while the clipped steps' small error estimates made the I controller overshoot after
+them (the median subject 23 steps + 4 rejected, the slowest 42 + 10). Changes and the Bolus_1CPTMM SD FOCE-I time
+(auto start; OFV 20957.257 throughout):
+
+==================================================  ======  ===============================================
+change                                              fit     what moved
+==================================================  ======  ===============================================
+before                                              11.3 s  ~52 iterations a solve, 0.13 ms a rhs call
+outputs from the continuous extension, not steps    9.2 s   median subject 10 + 4 rejected, slowest 30 + 10
+Hairer's PI controller (β = 0.04)                   8.5 s   rejections: median 1, max 7
+state kept [S·K, N] (no layout copies), addmm       7.4 s   rhs 0.11 → 0.087 ms, loop 0.7 → 0.39 ms an
+stages, make_dual without forward_ad's wrappers,            iteration
+one division in the MM elimination
+forward-difference D²f (P + M row blocks), the      6.2 s   2cmt_oral_mm rhs 0.62 → 0.30 ms; nlmixr2's FOCE-I
+library's oral rhs in the depot coordinate,                 tolerances (~10 %)
+rtol/atol 5e-6/5e-8
+modes' warm start predicted to first order          4.9 s   (:mod:`nlmefit.estimators.classical`) about one
+(implicit function theorem, no new solve)                   sensitivity solve fewer per mode search
+==================================================  ======  ===============================================
+
+``python -m nlmefit.benchmark.robust`` after all of them: the MM sets 13.7–15.0× their linear counterparts
+(Bolus_1CPTMM 4.9 s, Bolus_2CPTMM 14.8 s, Infusion_1CPTMM 5.2 s, Infusion_2CPTMM 17.1 s, Oral_1CPTMM 10.1 s,
+Oral_2CPTMM 22.2 s), OFVs unchanged, the tight-tolerance OFVs within 0.001. One silent failure found on the way:
+an exception inside the explicit path (a stride-0 dual time for a one-subject batch) sent those solves to the
+Rosenbrock fallback — right answers, 5x slower; ``tests/test_ode_speed.py`` now fails on any fallback of a
+non-stiff solve.
 
 Earlier measurement (tight tolerances): rtol 1e-10 / atol 1e-12 gives the linear 1–3-compartment systems to ~1e-10
 relative against matrix exponentials and closed forms (rtol 1e-8: ~2e-9); ``dopri8`` takes fewer steps but its error
@@ -655,10 +684,9 @@ def _dopri5_stops(f, y0: torch.Tensor, stops: torch.Tensor, rtol: float, atol, e
         # Hairer's PI step-size control (DOPRI5: β = 0.04): shrinks after an accepted step whose error is near the
         # tolerance (the I controller that never shrinks on acceptance was rejected on the next step ~1 time in 3)
         r = ratio.clamp_min(1e-300)
-        fac = r ** -_PI_EXP
-        factor = torch.where(accept, (0.9 * fac * err_old ** _PI_BETA).clamp(0.2, 10.0),
-                             (0.9 * fac).clamp(0.2, 1.0))
-        factor = torch.where(accept & rejected, factor.clamp_max(1.0), factor)  # no growth right after a reject
+        fac = 0.9 * r ** -_PI_EXP
+        grow = torch.where(rejected, 1.0, 10.0)  # no growth right after a reject
+        factor = torch.where(accept, torch.minimum(fac * err_old ** _PI_BETA, grow).clamp_min(0.2), fac.clamp(0.2, 1.0))
         factor = torch.where(finite, factor, 0.2)
         err_old = torch.where(accept, r.clamp_min(1e-4), err_old)
         rejected = torch.where(moving, ~accept, rejected)
@@ -668,7 +696,7 @@ def _dopri5_stops(f, y0: torch.Tensor, stops: torch.Tensor, rtol: float, atol, e
         if ri.numel():
             theta = ((stops[ri, rj] - s[ri]) / hs[ri]).clamp(0.0, 1.0)
             b = (theta[:, None] ** powers) @ dense  # [R, 7]: b_i(θ)
-            out[ri, rj] = (y[:, ri] + torch.einsum("rk,kwr->wr", b, kv[:, :, ri])).T
+            out[ri, rj] = (y[:, ri] + (kv[:, :, ri] * b.T[:, None, :]).sum(0)).T  # einsum: ~30 µs of parsing
             recorded = recorded | reach
         h = torch.where(moving, hs * factor, h)
         s = s_new
