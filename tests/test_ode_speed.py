@@ -311,3 +311,30 @@ def test_library_factor_rhs_equals_the_generic_depot_transform(name):
         _, d1 = torch.func.jvp(lambda v, i=i: call(system.factor_rhs)(*args[:i], v, *args[i + 1:]), (a,), (tangent,))
         _, d2 = torch.func.jvp(lambda v, i=i: call(generic)(*args[:i], v, *args[i + 1:]), (a,), (tangent,))
         torch.testing.assert_close(d1, d2, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["1cmt_iv", "2cmt_iv", "3cmt_oral", "1cmt_iv_mm", "2cmt_iv_mm", "2cmt_oral_mm",
+                                  "3cmt_iv_mm"])
+def test_prepared_parameters_give_the_same_rhs(name):
+    """``OdeSystem.prepare`` adds derived parameters (q/v, q/vp, cl/v, km·v) once a solve; the right-hand side
+    reading them equals the one computing them itself, in value and forward derivative."""
+    torch.manual_seed(3)
+    system = ode_models.get(name)
+    assert system.prepare is not None
+    n = 5
+    p = {k: torch.rand(n, dtype=torch.float64) * 3 + 0.2 for k in system.params}
+    x = torch.rand(n, system.n_states, dtype=torch.float64) * 10
+    t = torch.zeros(n, dtype=torch.float64)
+    vals = [p[k] for k in system.params]
+
+    def plain(*v):
+        return system.rhs(t, x, dict(zip(system.params, v)))
+
+    def prepared(*v):
+        return system.rhs(t, x, system.prepare(dict(zip(system.params, v))))
+
+    tangents = tuple(torch.rand_like(v) for v in vals)
+    a, da = torch.func.jvp(plain, tuple(vals), tangents)
+    b, db = torch.func.jvp(prepared, tuple(vals), tangents)
+    torch.testing.assert_close(b, a, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(db, da, rtol=1e-12, atol=1e-12)

@@ -277,6 +277,9 @@ class OdeSystem:
     #: ``p["__t0"]``), as the library's oral models provide — fewer operations than the generic transform of
     #: :func:`_depot_factor_rhs`, which it must equal (``tests/test_ode_speed.py`` checks the library's)
     factor_rhs: Callable[[torch.Tensor, torch.Tensor, Mapping[str, torch.Tensor]], torch.Tensor] | None = None
+    #: optional: ``prepare(params) -> params`` adds derived parameters (e.g. q/v) that ``rhs`` reads when present
+    #: and computes itself otherwise; the batched dopri5 path calls it once a solve instead of the rhs once a stage
+    prepare: Callable[[Mapping[str, torch.Tensor]], dict] | None = None
 
     def __post_init__(self) -> None:
         if self.absorption is not None and self.depot is None:
@@ -364,11 +367,17 @@ class _Integrator:
     def _rhs_last(self, t0, delta, u, rhs=None, p=None, dual_time: bool = False):
         """(f, session) for :func:`_dopri5_stops`: ``f(s, y [S·K, N]) -> [S·K, N]``, dy/dt in the subjects-last layout
         *without* the factor ``delta`` (the solver folds it into the step), and the context to hold around the solve."""
+        prepare = self.system.prepare
         if self.lay is not None:
-            aug = self._rhs(t0, delta, u, rhs, p, dual_time)
+            rhs = self.system.rhs if rhs is None else rhs
+            p = self.p if p is None else p
+            aug = augmented_rhs(rhs, self.lay, p, t0, delta, u.reshape(u.shape[0], -1, self.k)[..., 0],
+                                dual_time=dual_time, prepare=prepare)
             return aug.last, aug.session
         rhs = self.system.rhs if rhs is None else rhs
         p = self.p if p is None else p
+        if prepare is not None:
+            p = prepare(p)
         u_t = u.T if bool((u != 0).any()) else None
 
         def f(s, y):

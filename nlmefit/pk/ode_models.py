@@ -26,7 +26,7 @@ Params = Mapping[str, torch.Tensor]
 
 
 def _mammillary(ncmt: int, oral: bool, elimination: Callable[[torch.Tensor, Params], torch.Tensor],
-                elim_params: tuple[str, ...]) -> OdeSystem:
+                elim_params: tuple[str, ...], derived: Callable[[Params], dict]) -> OdeSystem:
     if ncmt not in (1, 2, 3):
         raise ModelSpecError(f"ncmt must be 1, 2 or 3, got {ncmt}")
     o = 1 if oral else 0
@@ -49,7 +49,10 @@ def _mammillary(ncmt: int, oral: bool, elimination: Callable[[torch.Tensor, Para
                 dc = dc + absorbed
             periph = []
             for i, (qn, vn) in enumerate((("q", "vp"), ("q2", "vp2"))[: ncmt - 1]):
-                flow = p[qn] * (a_c / v - x[:, c + 1 + i] / p[vn])  # net flow central → peripheral
+                k_out, k_in = p.get(f"__{qn}_v"), p.get(f"__{qn}_{vn}")  # q/v, q/vp: from prepare() if given
+                k_out = p[qn] / v if k_out is None else k_out
+                k_in = p[qn] / p[vn] if k_in is None else k_in
+                flow = k_out * a_c - k_in * x[:, c + 1 + i]  # net flow central → peripheral
                 dc = dc - flow
                 periph.append(flow)
             cols.append(dc)
@@ -58,25 +61,39 @@ def _mammillary(ncmt: int, oral: bool, elimination: Callable[[torch.Tensor, Para
 
         return rhs
 
+    def prepare(p: Params) -> dict:
+        """The rate constants of the distribution flows and the elimination's derived parameter, once a solve."""
+        out = dict(p)
+        for qn, vn in (("q", "vp"), ("q2", "vp2"))[: ncmt - 1]:
+            out[f"__{qn}_v"] = p[qn] / p["v"]
+            out[f"__{qn}_{vn}"] = p[qn] / p[vn]
+        out.update(derived(p))
+        return out
+
     names = (("depot",) if oral else ()) + ("central",) + ("periph1", "periph2")[: ncmt - 1]
     params = elim_params + ("v",) + ("q", "vp", "q2", "vp2")[: 2 * (ncmt - 1)] + (("ka",) if oral else ())
     return OdeSystem(n_states=ncmt + o, rhs=make(False), depot=0 if oral else None, central=c, volume="v",
                      names=names, params=params, absorption="ka" if oral else None,
-                     factor_rhs=make(True) if oral else None)
+                     factor_rhs=make(True) if oral else None, prepare=prepare)
 
 
 def linear(ncmt: int, oral: bool) -> OdeSystem:
     """Linear mammillary model: elimination ``cl·C``; parameters ``cl, v`` (+ ``q, vp``, ``q2, vp2``, ``ka``)."""
-    return _mammillary(ncmt, oral, lambda a, p: p["cl"] * a / p["v"], ("cl",))
+    def elim(a, p):
+        k = p.get("__k")
+        return (p["cl"] / p["v"] if k is None else k) * a
+
+    return _mammillary(ncmt, oral, elim, ("cl",), lambda p: {"__k": p["cl"] / p["v"]})
 
 
 def michaelis_menten(ncmt: int, oral: bool) -> OdeSystem:
     """Saturable elimination ``vm·C/(km + C)``; parameters ``vm, km, v`` (+ ``q, vp``, ``q2, vp2``, ``ka``)."""
 
     def elim(a, p):  # vm·C/(km + C) with C = a/v, written with one division (a dual division costs ~7 µs)
-        return p["vm"] * a / (p["km"] * p["v"] + a)
+        kmv = p.get("__kmv")
+        return p["vm"] * a / ((p["km"] * p["v"] if kmv is None else kmv) + a)
 
-    return _mammillary(ncmt, oral, elim, ("vm", "km"))
+    return _mammillary(ncmt, oral, elim, ("vm", "km"), lambda p: {"__kmv": p["km"] * p["v"]})
 
 
 def transit(n_transit: int) -> OdeSystem:

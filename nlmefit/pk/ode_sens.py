@@ -65,7 +65,7 @@ _MAKE_DUAL, _UNPACK_DUAL = _dual_ops()
 
 
 def augmented_rhs(rhs: Callable, lay: SensLayout, p: Mapping[str, torch.Tensor], t0: torch.Tensor,
-                  delta: torch.Tensor, u: torch.Tensor, dual_time: bool = False
+                  delta: torch.Tensor, u: torch.Tensor, dual_time: bool = False, prepare: Callable | None = None
                   ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """dy/ds [N, S, K] of the augmented system on a segment in rescaled time (``t0 + s·delta``, input ``u``).
 
@@ -74,7 +74,8 @@ def augmented_rhs(rhs: Callable, lay: SensLayout, p: Mapping[str, torch.Tensor],
     (y as [S, K, N]) so that every gather and concatenation moves contiguous [N, S] blocks: the call is
     dispatcher-bound, and concatenating permuted views cost half of it. ``dual_time``: hand ``rhs`` the time as a
     dual with a zero tangent (for a right-hand side whose parameters meet the time in an op: a dual op with a plain
-    tensor takes torch's ~50x slower Python reference path).
+    tensor takes torch's ~50x slower Python reference path). ``prepare``: the system's derived parameters
+    (:attr:`nlmefit.pk.ode.OdeSystem.prepare`), computed once from the parameter duals of a held dual level.
 
     The returned function also has ``.last(s, y [S·K, N]) -> [S·K, N]``: the same right-hand side in the
     subjects-last layout *without* the factor ``delta`` (the batched dopri5 of :mod:`nlmefit.pk.ode` keeps its state
@@ -114,7 +115,7 @@ def augmented_rhs(rhs: Callable, lay: SensLayout, p: Mapping[str, torch.Tensor],
         pd = {k: _MAKE_DUAL(v, zero_r[k], level) for k, v in fixed_r.items()}
         for i, k in enumerate(lay.names):
             pd[k] = _MAKE_DUAL(p_dict[k], e_dir[:, i], level)
-        return pd
+        return pd if prepare is None else prepare(pd)
 
     @contextlib.contextmanager
     def session():
