@@ -210,12 +210,12 @@ derived parameters once a solve (``prepare``), a    3.9 s   no partial re-solves
 cache radius of 1e-5, zero-state initial step               modes; infusion epochs 9.3 → 7.1 iterations
 ==================================================  ======  ===============================================
 
-``python -m nlmefit.benchmark.robust`` after all of them: the MM sets 13.7–15.0× their linear counterparts
-(Bolus_1CPTMM 4.9 s, Bolus_2CPTMM 14.8 s, Infusion_1CPTMM 5.2 s, Infusion_2CPTMM 17.1 s, Oral_1CPTMM 10.1 s,
-Oral_2CPTMM 22.2 s), OFVs unchanged, the tight-tolerance OFVs within 0.001. One silent failure found on the way:
-an exception inside the explicit path (a stride-0 dual time for a one-subject batch) sent those solves to the
-Rosenbrock fallback — right answers, 5x slower; ``tests/test_ode_speed.py`` now fails on any fallback of a
-non-stiff solve.
+``python -m nlmefit.benchmark.robust`` after all of them (two runs): the MM sets 7.4–12.7× their linear
+counterparts (Bolus_1CPTMM 4.1 s, Bolus_2CPTMM 13.7 s, Infusion_1CPTMM 4.0 s, Infusion_2CPTMM 13.0 s,
+Oral_1CPTMM 9.5 s, Oral_2CPTMM 18.6 s in one of them), OFVs unchanged, the tight-tolerance OFVs within 0.001. One
+silent failure found on the way: an exception inside the explicit path (a stride-0 dual time for a one-subject
+batch) sent those solves to the Rosenbrock fallback — right answers, 5x slower; ``tests/test_ode_speed.py`` now
+fails on any fallback of a non-stiff solve.
 
 Earlier measurement (tight tolerances): rtol 1e-10 / atol 1e-12 gives the linear 1–3-compartment systems to ~1e-10
 relative against matrix exponentials and closed forms (rtol 1e-8: ~2e-9); ``dopri8`` takes fewer steps but its error
