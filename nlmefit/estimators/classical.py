@@ -262,7 +262,7 @@ def _predicted_modes(pset, lin: Linearisation, model: LatentModel, data: Observa
     (:meth:`~nlmefit.marginal.linearisation.Conditional.mode_shift`, the implicit function theorem).
 
     The modes' error at the start is then second order in the outer step instead of first, which saves about one
-    Newton iteration — one ODE sensitivity solve of every subject — a search (Bolus_1CPTMM SD FOCE-I: 6.2 → 5.1 s).
+    Newton iteration — one ODE sensitivity solve of every subject — a search (Bolus_1CPTMM SD FOCE-I: 6.2 → 4.9 s).
     The shift is computed at the previous modes and parameters, where the ODE path serves everything from its
     cached sensitivity solve. A non-finite shift is dropped, a long one clipped to ``_MAX_SHIFT``."""
     du = u_new - u_prev

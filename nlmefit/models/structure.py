@@ -74,9 +74,8 @@ class OdeStructure(Structure):
 
     ``rtol``/``atol`` (default nlmixr2 FOCE-I's 5e-6/5e-8, ``atol`` relative to each subject's largest dose;
     tighten with ``dataclasses.replace(structure, rtol=1e-10, atol=1e-12)`` or :meth:`with_tolerance`),
-    ``sensitivities``
-    (``"forward"``: forward sensitivities and a Taylor surrogate; ``"autograd"``: through the solver steps) and
-    ``stiff`` (``"auto"``, ``True``, ``False``) go to :func:`nlmefit.pk.ode.solve`.
+    ``sensitivities`` (``"forward"``: forward sensitivities and a Taylor surrogate; ``"autograd"``: through the
+    solver steps) and ``stiff`` (``"auto"``, ``True``, ``False``) go to :func:`nlmefit.pk.ode.solve`.
     """
 
     system: object  # nlmefit.pk.ode.OdeSystem

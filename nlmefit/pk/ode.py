@@ -352,14 +352,11 @@ class _Integrator:
         """What an observation keeps of the state: the central amount and its sensitivities, [N, K]."""
         return x.reshape(x.shape[0], self.system.n_states, self.k)[:, self.system.central, :]
 
-    def _rhs(self, t0, delta, u, rhs=None, p=None, dual_time: bool = False
-             ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """dy/ds on a segment, y [N, S, K] (s a scalar or per subject [N]); ``rhs``/``p`` replace the system's."""
-        rhs = self.system.rhs if rhs is None else rhs
-        p = self.p if p is None else p
+    def _rhs(self, t0, delta, u) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """dy/ds on a segment, y [N, S, K] (s a scalar or per subject [N]): the torchdiffeq and Rosenbrock paths."""
+        rhs, p = self.system.rhs, self.p
         if self.lay is not None:
-            return augmented_rhs(rhs, self.lay, p, t0, delta, u.reshape(u.shape[0], -1, self.k)[..., 0],
-                                 dual_time=dual_time)
+            return augmented_rhs(rhs, self.lay, p, t0, delta, u.reshape(u.shape[0], -1, self.k)[..., 0])
 
         def f(s, y):
             return (delta[:, None] * (rhs(t0 + s * delta, y[..., 0], p) + u)).unsqueeze(-1)
@@ -368,16 +365,15 @@ class _Integrator:
 
     def _rhs_last(self, t0, delta, u, rhs=None, p=None, dual_time: bool = False):
         """(f, session) for :func:`_dopri5_stops`: ``f(s, y [S·K, N]) -> [S·K, N]``, dy/dt in the subjects-last layout
-        *without* the factor ``delta`` (the solver folds it into the step), and the context to hold around the solve."""
+        *without* the factor ``delta`` (the solver folds it into the step), and the context to hold around the solve.
+        ``rhs``/``p`` replace the system's (the depot coordinate); ``prepare`` adds the system's derived parameters."""
+        rhs = self.system.rhs if rhs is None else rhs
+        p = self.p if p is None else p
         prepare = self.system.prepare
         if self.lay is not None:
-            rhs = self.system.rhs if rhs is None else rhs
-            p = self.p if p is None else p
             aug = augmented_rhs(rhs, self.lay, p, t0, delta, u.reshape(u.shape[0], -1, self.k)[..., 0],
                                 dual_time=dual_time, prepare=prepare)
             return aug.last, aug.session
-        rhs = self.system.rhs if rhs is None else rhs
-        p = self.p if p is None else p
         if prepare is not None:
             p = prepare(p)
         u_t = u.T if bool((u != 0).any()) else None

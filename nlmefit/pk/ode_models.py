@@ -10,6 +10,11 @@
 
 ``SYSTEMS`` holds ready-made systems by name (``"2cmt_oral"``, ``"1cmt_iv_mm"``, ``"transit_3"``, ...);
 :func:`get` also builds ``transit_<n>`` for any n.
+
+The mammillary systems carry two speed hints for the batched solver (:class:`nlmefit.pk.ode.OdeSystem`):
+``prepare`` computes q/v, q/vp, cl/v or km·v once a solve (the right-hand side reads them when present and computes
+them itself otherwise), and the oral ones a ``factor_rhs`` written in the depot's integrating-factor coordinate.
+Both equal the plain right-hand side in value and forward derivative (``tests/test_ode_speed.py``).
 """
 from __future__ import annotations
 
